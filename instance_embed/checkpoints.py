@@ -1,0 +1,47 @@
+"""Reading a run directory back: its configuration and its latest trained weights."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import tensorflow as tf
+
+from instance_embed import configs
+from instance_embed.model import build_model
+
+CHECKPOINT_SUBDIR = "ckpt"
+
+
+def latest_checkpoint(model_dir: str) -> str:
+    """Path prefix of the latest complete checkpoint in `model_dir/ckpt/`.
+
+    Raises:
+      FileNotFoundError: naming the directory, when it holds no checkpoint.
+    """
+    ckpt_dir = os.path.join(model_dir, CHECKPOINT_SUBDIR)
+    path = tf.train.latest_checkpoint(ckpt_dir)
+    if path is None:
+        raise FileNotFoundError(
+            f"No checkpoint in {ckpt_dir}: train first with "
+            f"`python -m instance_embed.train_main --model_dir={model_dir} ...`")
+    return path
+
+
+def restore_model(model_dir: str, checkpoint_path: str | None = None
+                  ) -> tuple[keras.Model, configs.ExperimentConfig, str]:
+    """Rebuilds a run's model from `config.json` and loads its weights.
+
+    Args:
+      model_dir: a directory written by `train_main`.
+      checkpoint_path: a specific checkpoint prefix (default: the latest one).
+
+    Returns:
+      (model, the run's ExperimentConfig, the checkpoint path used).
+    """
+    config = configs.ExperimentConfig.load(model_dir)
+    path = checkpoint_path or latest_checkpoint(model_dir)
+    model = build_model(config.model)
+    # Optimizer slots and the step are in the checkpoint too; only the model is needed.
+    tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
+    return model, config, path

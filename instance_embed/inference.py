@@ -1,0 +1,564 @@
+"""From pixel embeddings and mask classes to instance masks (paper sections 3.3-3.4).
+
+The network gives, at the heads' resolution `[h, w]`, an embedding `e_p` per pixel and,
+for each similarity threshold tau, the probability `C[p, tau, c]` that the mask grown
+from `p` at tau is an instance of class `c` (0 = a bad seed). Inference is:
+
+1. seediness `S_p = max over tau, max over c >= 1 of C[p, tau, c]` (`seediness`);
+2. greedy seeds, `p_t = argmax log S_p + alpha * log D(p)` with `D` the squared
+   embedding distance to the nearest chosen seed (`select_seeds`);
+3. per seed, `(tau, c) = argmax C[p, tau, c]` over foreground classes, score = that
+   probability (`seed_classes_and_scores`);
+4. per seed, the mask `{q : sigma(p, q) >= tau}` with `sigma = 2 / (1 + exp(d2))`,
+   i.e. `d2 <= log(2 / tau - 1)`, for all seeds at once as one matrix product
+   (`grow_masks`);
+5. `predict_instances` runs all of it, optionally drops low scores and near-duplicate
+   masks, sorts the detections by score and brings the masks to the input resolution.
+
+Everything is TensorFlow ops on batched tensors with a static number of seeds K, so it
+runs eagerly, inside `tf.function` (unknown batch and image sizes included) and under
+`jit_compile=True`. Seeds that do not exist (K larger than h * w, see `select_seeds`) are
+carried as index -1 and produce empty, invalid detections rather than an error, so the
+output shapes never depend on the image size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Sequence
+
+import tensorflow as tf
+
+PAPER_TAUS = (0.25, 0.5, 0.75, 0.9)
+
+
+@dataclasses.dataclass
+class InferenceConfig:
+    """How detections are made from the network's outputs.
+
+    Attributes:
+      num_seeds: K, the number of seeds (and detections, valid or not) per image.
+        The paper uses 100 (Table 3).
+      alpha: weight of embedding diversity against seediness when picking seeds
+        (paper Table 2: 0.3 is best). 0 picks seeds by seediness alone.
+      taus: the similarity thresholds T, one per slice of the classification head;
+        must match the model's `ModelConfig.taus`. Each in (0, 1].
+      score_threshold: detections scoring below it are dropped. 0 keeps all (paper).
+      nms_iou_threshold: when set, a mask whose IoU with a higher-scored kept mask
+        exceeds it is dropped (near-duplicate suppression, IoU measured at the heads'
+        resolution). None disables it (paper).
+    """
+
+    num_seeds: int = 100
+    alpha: float = 0.3
+    taus: tuple[float, ...] = PAPER_TAUS
+    score_threshold: float = 0.0
+    nms_iou_threshold: float | None = None
+
+    def __post_init__(self):
+        if (isinstance(self.num_seeds, bool) or not isinstance(self.num_seeds, numbers.Integral)
+                or self.num_seeds < 1):
+            _config_error("num_seeds", self.num_seeds, "must be a positive integer")
+        self.num_seeds = int(self.num_seeds)
+        if not _is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha < 0:
+            _config_error("alpha", self.alpha, "must be a finite number >= 0")
+        if isinstance(self.taus, (str, bytes)) or not isinstance(self.taus, Sequence):
+            _config_error("taus", self.taus, "must be a sequence of numbers in (0, 1]")
+        if not self.taus or not all(_is_real(t) and 0 < t <= 1 for t in self.taus):
+            _config_error("taus", self.taus, "must be a non-empty sequence of numbers in (0, 1]")
+        self.taus = tuple(float(t) for t in self.taus)
+        if not _is_real(self.score_threshold) or not 0 <= self.score_threshold <= 1:
+            _config_error("score_threshold", self.score_threshold, "must be in [0, 1]")
+        if self.nms_iou_threshold is not None and (
+                not _is_real(self.nms_iou_threshold) or not 0 <= self.nms_iou_threshold <= 1):
+            _config_error("nms_iou_threshold", self.nms_iou_threshold,
+                          "must be None (off) or in [0, 1]")
+
+
+def seediness(class_probs: tf.Tensor) -> tf.Tensor:
+    """Seediness, the best foreground probability over taus and classes (paper 3.4).
+
+    Args:
+      class_probs: float [batch, height, width, num_taus, num_classes + 1], softmax
+        over the last axis; class 0 is background.
+
+    Returns:
+      float32 [batch, height, width].
+    """
+    class_probs = _as_float(class_probs, "class_probs", rank=5)
+    _check_has_foreground(class_probs)
+    return tf.reduce_max(class_probs[..., 1:], axis=[-2, -1])
+
+
+def select_seeds(embeddings: tf.Tensor, seediness: tf.Tensor, num_seeds: int,
+                 alpha: float | tf.Tensor) -> tf.Tensor:
+    """Greedy diverse seeds: `p_t = argmax_{p unchosen} log S_p + alpha log D(p)` (paper 3.3).
+
+    The first seed is the argmax of S. `D(p)` is the squared embedding distance from p
+    to the nearest chosen seed, kept as a running minimum so each step is one pass over
+    the pixels. Ties go to the lowest flattened (row-major) index.
+
+    Zeros are allowed: `log 0 = -inf` (a pixel with S = 0, or at distance 0 from a
+    chosen seed, scores -inf); with `alpha = 0` the diversity term is 0 even where
+    D = 0. NaN scores count as -inf. When every unchosen pixel scores -inf, the lowest
+    unchosen index is taken, so seeds never repeat while unchosen pixels remain. When
+    `num_seeds > height * width`, the seeds after the last pixel are -1 ("no seed"): the
+    output shape stays `[batch, num_seeds]` whatever the image size, and the other
+    functions of this module treat -1 as an empty, invalid seed.
+
+    Distances are `|e_p|^2 + |e_q|^2 - 2 e_p . e_q` (a matrix-vector product per step,
+    several times faster than differences, most of all under XLA) on embeddings
+    centred on their image mean to limit cancellation; so a pixel whose embedding
+    repeats a chosen seed's may get a tiny positive D instead of exactly 0.
+
+    Args:
+      embeddings: float [batch, height, width, dim].
+      seediness: float [batch, height, width], values in [0, 1].
+      num_seeds: K, a positive Python int (static, so output shapes are static).
+      alpha: diversity weight >= 0 (float or scalar tensor).
+
+    Returns:
+      int32 [batch, num_seeds]: flattened indices `row * width + col`, or -1.
+    """
+    embeddings = _as_float(embeddings, "embeddings", rank=4)
+    seediness = _as_float(seediness, "seediness", rank=3)
+    num_seeds = _check_num_seeds(num_seeds)
+    if _is_real(alpha) and not (math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha={alpha!r}: must be a finite number >= 0")
+    alpha = tf.cast(alpha, tf.float32)
+    _check_same_spatial(embeddings, "embeddings", seediness, "seediness")
+
+    points = _centred_points(embeddings)  # [B, N, d]
+    norms = tf.reduce_sum(tf.square(points), axis=-1, keepdims=True)  # [B, N, 1]
+    ones = tf.ones_like(norms)
+    # Rows a_p = [e_p, |e_p|^2, 1] and b_q = [-2 e_q, 1, |e_q|^2] give a_p . b_q =
+    # ||e_p - e_q||^2: one gather and one matvec per step, few ops for the loop.
+    rows = tf.concat([points, norms, ones], axis=-1)
+    seed_rows = tf.concat([-2.0 * points, ones, norms], axis=-1)
+    num_pixels = tf.shape(points)[1]
+    log_seediness = tf.math.log(tf.reshape(seediness, tf.shape(norms)[:2]))
+    pixel_ids = tf.range(num_pixels)
+    seed_slots = tf.range(num_seeds)
+
+    def distances_to(index):  # [B] -> [B, N]
+        seed = tf.gather(seed_rows, tf.maximum(index, 0), batch_dims=1)
+        return tf.maximum(tf.linalg.matvec(rows, seed), 0.0)
+
+    first = _first_argmax(log_seediness, tf.ones_like(log_seediness, tf.bool))
+    seeds = tf.where(seed_slots == 0, first[:, None], -1)
+    chosen = pixel_ids == first[:, None]
+    min_dist = distances_to(first)
+
+    def step(t, seeds, chosen, min_dist):
+        # xlogy gives 0 * log 0 = 0, so alpha = 0 ranks by seediness alone.
+        scores = log_seediness + tf.math.xlogy(alpha, min_dist)
+        new = _first_unchosen_argmax(scores, chosen, pixel_ids)
+        seeds = tf.where(seed_slots == t, new[:, None], seeds)
+        chosen = tf.logical_or(chosen, pixel_ids == new[:, None])
+        min_dist = tf.minimum(min_dist, distances_to(new))
+        return t + 1, seeds, chosen, min_dist
+
+    _, seeds, _, _ = tf.while_loop(
+        lambda t, *_: t < num_seeds, step, (tf.constant(1), seeds, chosen, min_dist))
+    return seeds
+
+
+def grow_masks(embeddings: tf.Tensor, seed_indices: tf.Tensor, taus: tf.Tensor) -> tf.Tensor:
+    """Masks `{q : sigma(seed, q) >= tau}` of all seeds, from one matrix product (paper 3.3).
+
+    `sigma >= tau` is `||e_q - e_seed||^2 <= log(2 / tau - 1)`. A seed always belongs to
+    its own mask (its distance is set to exactly 0, which rounding in the expanded
+    product would not guarantee); a seed of -1 gives an empty mask.
+
+    Args:
+      embeddings: float [batch, height, width, dim].
+      seed_indices: int [batch, K], flattened row-major indices or -1.
+      taus: float [batch, K], each in (0, 1].
+
+    Returns:
+      bool [batch, K, height, width].
+    """
+    margins = mask_margins(embeddings, seed_indices, taus)
+    valid = tf.cast(seed_indices, tf.int32) >= 0
+    return tf.logical_and(margins >= 0, valid[:, :, None, None])
+
+
+def mask_margins(embeddings: tf.Tensor, seed_indices: tf.Tensor, taus: tf.Tensor) -> tf.Tensor:
+    """Signed mask margins `log(2 / tau_k - 1) - ||e_q - e_seed_k||^2`.
+
+    A pixel is in seed k's mask iff its margin is >= 0. Distances come from
+    `|A|^2 + |B|^2 - 2 A B^T` (one batched matmul) on embeddings centred on their image
+    mean, clipped at 0, and exactly 0 at the seed itself. Seeds of -1 get the margins
+    of pixel 0 and must be masked out by the caller.
+
+    Args:
+      embeddings: float [batch, height, width, dim].
+      seed_indices: int [batch, K].
+      taus: float [batch, K].
+
+    Returns:
+      float32 [batch, K, height, width].
+    """
+    embeddings = _as_float(embeddings, "embeddings", rank=4)
+    seed_indices = _as_int(seed_indices, "seed_indices", rank=2)
+    taus = _as_float(taus, "taus", rank=2)
+    points = _centred_points(embeddings)  # [B, N, d]
+    seeds = tf.gather(points, tf.maximum(seed_indices, 0), batch_dims=1)  # [B, K, d]
+    point_norms = tf.reduce_sum(tf.square(points), axis=-1)
+    seed_norms = tf.reduce_sum(tf.square(seeds), axis=-1)
+    cross = tf.matmul(seeds, points, transpose_b=True)  # [B, K, N]
+    dist = tf.maximum(seed_norms[:, :, None] + point_norms[:, None, :] - 2.0 * cross, 0.0)
+    at_seed = seed_indices[:, :, None] == tf.range(tf.shape(points)[1])[None, None, :]
+    dist = tf.where(at_seed, 0.0, dist)
+    thresholds = tf.math.log(2.0 / taus - 1.0)  # [B, K]
+    margins = thresholds[:, :, None] - dist
+    shape = tf.shape(embeddings)
+    return tf.reshape(margins, [shape[0], tf.shape(seed_indices)[1], shape[1], shape[2]])
+
+
+def seed_classes_and_scores(class_probs: tf.Tensor, seed_indices: tf.Tensor
+                            ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Per seed, `(tau, c) = argmax over taus and classes c >= 1 of C[p, tau, c]` (paper 3.4).
+
+    Ties go to the lower tau index, then the lower class. A seed of -1 gets tau index 0,
+    class 0 and score 0. The tau value is `taus[tau_index]`.
+
+    Args:
+      class_probs: float [batch, height, width, num_taus, num_classes + 1].
+      seed_indices: int [batch, K], flattened row-major indices or -1.
+
+    Returns:
+      (tau_index int32 [batch, K], classes int32 [batch, K] in 1..num_classes,
+       scores float32 [batch, K]).
+    """
+    class_probs = _as_float(class_probs, "class_probs", rank=5)
+    seed_indices = _as_int(seed_indices, "seed_indices", rank=2)
+    _check_has_foreground(class_probs)
+    shape = tf.shape(class_probs)
+    num_taus, num_foreground = shape[3], shape[4] - 1
+    flat = tf.reshape(class_probs[..., 1:],
+                      [shape[0], shape[1] * shape[2], num_taus * num_foreground])
+    at_seeds = tf.gather(flat, tf.maximum(seed_indices, 0), batch_dims=1)  # [B, K, T*C]
+    best = _first_argmax(at_seeds, tf.ones_like(at_seeds, tf.bool))
+    scores = tf.gather(at_seeds, best, batch_dims=2)
+    valid = seed_indices >= 0
+    tau_index = tf.where(valid, best // num_foreground, 0)
+    classes = tf.where(valid, best % num_foreground + 1, 0)
+    scores = tf.where(valid, scores, 0.0)
+    return tau_index, classes, scores
+
+
+def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
+                      image_size: Sequence[int] | tf.Tensor,
+                      config: InferenceConfig | None = None) -> dict[str, tf.Tensor]:
+    """Instance masks, classes and scores for a batch, at the input image's resolution.
+
+    Seeds, classes, scores and masks are computed at the heads' resolution as in the
+    paper. Masks reach `image_size` by bilinearly resizing each seed's signed margin map
+    (`mask_margins`) and thresholding at 0, rather than resizing the embeddings: this
+    needs no distance computation at full resolution, and a full-resolution pixel whose
+    surrounding heads-resolution pixels agree on a mask gets that answer (a bilinear
+    mix of same-sign margins keeps the sign), so masks only change near their boundary.
+    Seeds are resized one at a time, so no float [K, H, W] tensor is made; the output
+    masks are bool (26 MB per image for K = 100 at 512 x 512).
+
+    Detections below `config.score_threshold`, suppressed as near-duplicates, or coming
+    from a missing seed (-1, when K > h * w) are invalid: they are sorted after the
+    valid ones, their masks are empty, their class, score and tau are 0 and their seed
+    index is -1. Valid detections are sorted by descending score (ties keep seed order).
+
+    Args:
+      embeddings: float [batch, h, w, dim].
+      class_logits: float [batch, h, w, num_taus, num_classes + 1]; softmax is applied
+        here (contract 5 works on class_probs = softmax(class_logits)).
+      image_size: (H, W), Python ints or an int tensor [2].
+      config: an `InferenceConfig`; the paper's defaults when None.
+
+    Returns:
+      A dict of
+        num_detections: int32 [batch], the number of valid detections;
+        detection_masks: bool [batch, K, H, W];
+        detection_classes: int32 [batch, K], 1..num_classes (0 when invalid);
+        detection_scores: float32 [batch, K], descending;
+        detection_taus: float32 [batch, K], the tau each mask was grown with;
+        seed_indices: int32 [batch, K], flattened heads-resolution index of each seed;
+        instance_map: int32 [batch, H, W], for each pixel the 1-based index of the
+          highest-scored mask covering it (the first in detection order), 0 elsewhere.
+    """
+    config = config if config is not None else InferenceConfig()
+    if not isinstance(config, InferenceConfig):
+        raise TypeError(f"config must be an InferenceConfig, got {type(config).__name__}")
+    embeddings = _as_float(embeddings, "embeddings", rank=4)
+    class_logits = _as_float(class_logits, "class_logits", rank=5)
+    _check_same_spatial(embeddings, "embeddings", class_logits, "class_logits")
+    num_taus = class_logits.shape[3]
+    if num_taus is not None and num_taus != len(config.taus):
+        raise ValueError(
+            f"class_logits has {num_taus} tau slices but config.taus has {len(config.taus)} "
+            f"values {config.taus}: they must match the model's ModelConfig.taus")
+    image_size = _check_image_size(image_size)
+    num_seeds = config.num_seeds
+
+    class_probs = tf.nn.softmax(class_logits, axis=-1)
+    seeds = select_seeds(embeddings, seediness(class_probs), num_seeds, config.alpha)
+    tau_index, classes, scores = seed_classes_and_scores(class_probs, seeds)
+    taus = tf.gather(tf.constant(config.taus, tf.float32), tau_index)
+    candidate = tf.logical_and(seeds >= 0, scores >= config.score_threshold)
+
+    # Score order first, so that suppression lets higher scores win.
+    order = _descending_order(tf.where(candidate, scores, -1.0))
+    seeds, scores, classes, taus, candidate = (
+        tf.gather(x, order, batch_dims=1) for x in (seeds, scores, classes, taus, candidate))
+    margins = mask_margins(embeddings, seeds, taus)  # [B, K, h, w]
+    keep = candidate
+    if config.nms_iou_threshold is not None:
+        keep = _suppress_duplicates(
+            tf.logical_and(margins >= 0, (seeds >= 0)[:, :, None, None]), candidate,
+            config.nms_iou_threshold)
+        order = _descending_order(tf.where(keep, scores, -1.0))
+        seeds, scores, classes, taus, keep, margins = (
+            tf.gather(x, order, batch_dims=1)
+            for x in (seeds, scores, classes, taus, keep, margins))
+
+    masks, instance_map = _full_resolution_masks(margins, keep, image_size)
+
+    return {
+        "num_detections": tf.reduce_sum(tf.cast(keep, tf.int32), axis=-1),
+        "detection_masks": masks,
+        "detection_classes": tf.where(keep, classes, 0),
+        "detection_scores": tf.where(keep, scores, 0.0),
+        "detection_taus": tf.where(keep, taus, 0.0),
+        "seed_indices": tf.where(keep, seeds, -1),
+        "instance_map": instance_map,
+    }
+
+
+def _full_resolution_masks(margins: tf.Tensor, keep: tf.Tensor, size
+                           ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Masks at `size = (H, W)` from heads-resolution margins, and the instance map.
+
+    Each margin map is resized bilinearly (`tf.image.resize`'s grid: half-pixel centres,
+    edges clamped) and thresholded at 0. Every output is a combination of two inputs per
+    axis with non-negative weights, so it keeps the sign of same-sign inputs exactly.
+    Rows are interpolated by gathering, columns by a matmul with the [W, w]
+    interpolation matrix. One seed at a time, last to first, in a loop: the float
+    intermediate stays [batch, H, W], and the instance map is the mask index written
+    last, i.e. the first (highest-scored) covering mask; this measured faster than
+    resizing all K maps at once, with and without XLA. tf.image.resize is not used
+    because XLA's ResizeBilinear disagrees with the TF kernel by a whole source pixel at
+    some scale factors (measured on TF 2.21 at 12 -> 36), and jit-compiled inference
+    must give the masks the plain one gives.
+
+    Args:
+      margins: float32 [batch, K, h, w], see `mask_margins`.
+      keep: bool [batch, K]; masks of other detections are empty.
+      size: (H, W), ints or int32 tensors.
+
+    Returns:
+      (bool [batch, K, H, W], int32 [batch, H, W] with 1-based detection indices).
+    """
+    shape = tf.shape(margins)
+    num_seeds = margins.shape[1]
+    row_low, row_high, row_frac = _interpolation(shape[2], size[0])
+    row_frac = row_frac[:, None]
+    col_low, col_high, col_frac = _interpolation(shape[3], size[1])
+    columns = (tf.one_hot(col_low, shape[3]) * (1.0 - col_frac)[:, None]
+               + tf.one_hot(col_high, shape[3]) * col_frac[:, None])  # [W, w]
+    instance_map = tf.zeros(tf.stack([shape[0], size[0], size[1]]), tf.int32)
+
+    def step(k, masks, instance_map):
+        seed_margins = tf.gather(margins, k, axis=1)  # [B, h, w]
+        rows = ((1.0 - row_frac) * tf.gather(seed_margins, row_low, axis=1)
+                + row_frac * tf.gather(seed_margins, row_high, axis=1))  # [B, H, w]
+        full = tf.matmul(tf.reshape(rows, [-1, shape[3]]), columns, transpose_b=True)
+        mask = tf.logical_and(tf.reshape(full, tf.shape(instance_map)) >= 0,
+                              tf.gather(keep, k, axis=1)[:, None, None])
+        return k - 1, masks.write(k, mask), tf.where(mask, k + 1, instance_map)
+
+    masks = tf.TensorArray(tf.bool, size=num_seeds, element_shape=instance_map.shape)
+    _, masks, instance_map = tf.while_loop(
+        lambda k, *_: k >= 0, step, (tf.constant(num_seeds - 1), masks, instance_map))
+    return tf.transpose(masks.stack(), [1, 0, 2, 3]), instance_map
+
+
+def _interpolation(in_size, out_size) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Source pixels (low, high) and weight of `high` for each output pixel of an axis."""
+    scale = tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32)
+    source = (tf.cast(tf.range(out_size), tf.float32) + 0.5) * scale - 0.5
+    source = tf.clip_by_value(source, 0.0, tf.cast(in_size - 1, tf.float32))
+    low = tf.cast(tf.floor(source), tf.int32)
+    high = tf.minimum(low + 1, in_size - 1)
+    return low, high, source - tf.cast(low, tf.float32)
+
+
+def _suppress_duplicates(masks: tf.Tensor, candidate: tf.Tensor,
+                         iou_threshold: float) -> tf.Tensor:
+    """Greedy mask suppression in the given (score-descending) order.
+
+    Args:
+      masks: bool [batch, K, h, w].
+      candidate: bool [batch, K]; only candidates are kept, and only kept masks suppress.
+      iou_threshold: a mask is dropped when its IoU with a kept earlier one exceeds it.
+
+    Returns:
+      bool [batch, K], the kept detections.
+    """
+    shape = tf.shape(masks)
+    num_seeds = masks.shape[1]
+    flat = tf.cast(tf.reshape(masks, [shape[0], shape[1], shape[2] * shape[3]]), tf.float32)
+    # Integer pixel counts are exact in float32 below 2^24 pixels.
+    intersection = tf.matmul(flat, flat, transpose_b=True)  # [B, K, K]
+    area = tf.reduce_sum(flat, axis=2)
+    union = area[:, :, None] + area[:, None, :] - intersection
+    iou = tf.where(union > 0, intersection / tf.maximum(union, 1.0), 0.0)
+    overlapping = iou > iou_threshold
+    slots = tf.range(num_seeds)
+
+    def step(i, keep):
+        # `keep` only holds detections before i, the higher-scored ones.
+        suppressed = tf.reduce_any(
+            tf.logical_and(tf.gather(overlapping, i, axis=1), keep), axis=-1)
+        kept = tf.logical_and(tf.gather(candidate, i, axis=1), tf.logical_not(suppressed))
+        return i + 1, tf.logical_or(keep, tf.logical_and(slots == i, kept[:, None]))
+
+    _, keep = tf.while_loop(lambda i, _: i < num_seeds, step,
+                            (tf.constant(0), tf.zeros_like(candidate)))
+    return keep
+
+
+def _descending_order(keys: tf.Tensor) -> tf.Tensor:
+    """Permutation sorting `keys [batch, K]` descending, ties in index order.
+
+    Ranks come from all K x K comparisons, which is exact and identical eagerly and
+    under XLA (K is small), where sort stability is not a documented guarantee.
+    """
+    keys = tf.where(tf.math.is_nan(keys), -math.inf, keys)
+    num = keys.shape[-1]
+    slots = tf.range(num)
+    mine, other = keys[:, :, None], keys[:, None, :]
+    ahead = tf.logical_or(
+        other > mine, tf.logical_and(other == mine, slots[None, None, :] < slots[None, :, None]))
+    rank = tf.reduce_sum(tf.cast(ahead, tf.int32), axis=2)  # [B, K]: where item i goes
+    placed = rank[:, None, :] == slots[None, :, None]  # [B, rank r, item i]
+    return tf.reduce_sum(tf.where(placed, slots[None, None, :], 0), axis=2)
+
+
+def _first_argmax(values: tf.Tensor, allowed: tf.Tensor) -> tf.Tensor:
+    """Index of the largest allowed value along the last axis, lowest index on ties.
+
+    NaN counts as -inf; when every allowed value is -inf the lowest allowed index wins;
+    with nothing allowed the result is -1. tf.argmax's tie order is not documented,
+    hence the explicit min-index reduction.
+
+    Args:
+      values: float [..., n].
+      allowed: bool [..., n].
+
+    Returns:
+      int32 [...].
+    """
+    n = tf.shape(values)[-1]
+    values = tf.where(tf.logical_and(allowed, tf.logical_not(tf.math.is_nan(values))),
+                      values, -math.inf)
+    best = tf.reduce_max(values, axis=-1, keepdims=True)
+    hits = tf.logical_and(allowed, values >= best)
+    index = tf.reduce_min(tf.where(hits, tf.range(n), n), axis=-1)
+    return tf.where(index == n, -1, index)
+
+
+def _first_unchosen_argmax(scores: tf.Tensor, chosen: tf.Tensor,
+                           pixel_ids: tf.Tensor) -> tf.Tensor:
+    """`_first_argmax(scores, not chosen)` in fewer ops, for the seed loop.
+
+    -inf and NaN become the lowest finite float, so they still rank above chosen pixels
+    (-inf) and lose to every real score; all chosen gives -1.
+
+    Args:
+      scores: float32 [B, N].
+      chosen: bool [B, N].
+      pixel_ids: `tf.range(N)`, made once outside the loop.
+    """
+    lowest = tf.float32.min
+    scores = tf.where(scores >= lowest, scores, lowest)
+    scores = tf.where(chosen, -math.inf, scores)
+    best = tf.reduce_max(scores, axis=-1)
+    index = tf.reduce_min(
+        tf.where(scores == best[:, None], pixel_ids, tf.shape(scores)[-1]), axis=-1)
+    return tf.where(best == -math.inf, -1, index)
+
+
+def _centred_points(embeddings: tf.Tensor) -> tf.Tensor:
+    """`embeddings [B, h, w, d]` -> `[B, h * w, d]` minus each image's mean embedding.
+
+    Distances do not change; centring shrinks the norms in `|a|^2 + |b|^2 - 2ab`,
+    and with them its rounding error.
+    """
+    shape = tf.shape(embeddings)
+    points = tf.reshape(embeddings, [shape[0], shape[1] * shape[2], shape[3]])
+    return points - tf.reduce_mean(points, axis=1, keepdims=True)
+
+
+def _as_float(x, name: str, rank: int) -> tf.Tensor:
+    x = tf.convert_to_tensor(x)
+    if not (x.dtype.is_floating):
+        raise TypeError(f"{name} must be a float tensor, got {x.dtype.name}")
+    _check_rank(x, name, rank)
+    return tf.cast(x, tf.float32)
+
+
+def _as_int(x, name: str, rank: int) -> tf.Tensor:
+    x = tf.convert_to_tensor(x)
+    if not x.dtype.is_integer:
+        raise TypeError(f"{name} must be an integer tensor, got {x.dtype.name}")
+    _check_rank(x, name, rank)
+    return tf.cast(x, tf.int32)
+
+
+def _check_rank(x: tf.Tensor, name: str, rank: int) -> None:
+    if x.shape.rank is not None and x.shape.rank != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {x.shape}")
+
+
+def _check_has_foreground(class_probs: tf.Tensor) -> None:
+    if class_probs.shape[-1] is not None and class_probs.shape[-1] < 2:
+        raise ValueError(
+            f"class_probs/class_logits needs num_classes + 1 >= 2 entries on its last axis "
+            f"(background + at least one class), got shape {class_probs.shape}")
+
+
+def _check_same_spatial(a: tf.Tensor, a_name: str, b: tf.Tensor, b_name: str) -> None:
+    for axis in range(3):
+        da, db = a.shape[axis], b.shape[axis]
+        if da is not None and db is not None and da != db:
+            raise ValueError(f"{a_name} {a.shape} and {b_name} {b.shape} disagree on the "
+                             "batch and heads-resolution dimensions")
+
+
+def _check_num_seeds(num_seeds) -> int:
+    if (isinstance(num_seeds, bool) or not isinstance(num_seeds, numbers.Integral)
+            or num_seeds < 1):
+        raise ValueError(f"num_seeds={num_seeds!r}: must be a positive Python integer")
+    return int(num_seeds)
+
+
+def _check_image_size(image_size):
+    if isinstance(image_size, tf.TensorShape):
+        image_size = tuple(image_size.as_list())
+    if isinstance(image_size, (tf.Tensor, tf.Variable)):
+        if image_size.shape.rank is not None and image_size.shape != (2,):
+            raise ValueError(f"image_size must hold (height, width), got shape {image_size.shape}")
+        return tf.cast(image_size, tf.int32)
+    if (not isinstance(image_size, Sequence) or len(image_size) != 2
+            or not all(isinstance(s, numbers.Integral) and s > 0 for s in image_size)):
+        raise ValueError(f"image_size={image_size!r}: must be (height, width), two positive ints")
+    return [int(s) for s in image_size]
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _config_error(field: str, value, why: str) -> None:
+    raise ValueError(f"InferenceConfig.{field}={value!r}: {why}")

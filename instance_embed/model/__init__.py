@@ -1,0 +1,30 @@
+"""The network: backbones (by name from a registry), image pyramid, neck and two heads.
+
+    from instance_embed.model import ModelConfig, build_model
+    model = build_model(ModelConfig(backbone="light", num_classes=3))
+    outputs = model(images)  # {"embeddings": [B,h,w,d], "class_logits": [B,h,w,T,C+1]}
+"""
+
+from instance_embed.model.backbones import (
+    BackboneSpec,
+    available_backbones,
+    get_backbone,
+    register_backbone,
+)
+from instance_embed.model.builder import build_model
+from instance_embed.model.config import ModelConfig, feature_size
+
+# Importing the built-in backbones registers them.
+from instance_embed.model import light  # noqa: F401  pylint: disable=unused-import
+from instance_embed.model import resnet  # noqa: F401  pylint: disable=unused-import
+from instance_embed.model import vgg  # noqa: F401  pylint: disable=unused-import
+
+__all__ = [
+    "BackboneSpec",
+    "ModelConfig",
+    "available_backbones",
+    "build_model",
+    "feature_size",
+    "get_backbone",
+    "register_backbone",
+]

@@ -1,0 +1,129 @@
+"""The network and the paper's inference as one function: images in, instances out.
+
+`predict_images(model, images, config)` takes a batch of RGB images of any size, pads
+them at the bottom and right to a multiple of 32 (the model's largest stride), runs the
+network and `inference.predict_instances`, and crops every full-resolution output back
+to the input size. Heads-resolution pixels that lie wholly in the padding are made
+unable to seed (their classification is forced to background), so no detection comes
+from outside the image. `make_predict_fn` wraps it in a `tf.function`.
+
+The same computation serves evaluation (`eval_lib`), training summaries, the
+SavedModel's signatures (`export.py`) and `predict_main` (through the SavedModel).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from instance_embed import inference
+
+PAD_MULTIPLE = 32
+# Forces background where the heads look at padding: softmax(.)[0] == 1 in float32.
+_PADDING_LOGIT = 1e4
+
+
+def pad_images(images: tf.Tensor, multiple: int = PAD_MULTIPLE) -> tf.Tensor:
+    """`[B, H, W, 3]` -> float32 `[B, Hp, Wp, 3]`, zero-padded to multiples of `multiple`."""
+    images = tf.cast(images, tf.float32)
+    shape = tf.shape(images)
+    padded = -(-shape[1:3] // multiple) * multiple
+    return tf.pad(images, [[0, 0], [0, padded[0] - shape[1]], [0, padded[1] - shape[2]],
+                           [0, 0]])
+
+
+def mask_padding_logits(class_logits: tf.Tensor, image_size: tf.Tensor,
+                        padded_size: tf.Tensor) -> tf.Tensor:
+    """Makes heads pixels that only cover padding predict background with certainty.
+
+    Args:
+      class_logits: `[B, h, w, T, C + 1]` for a padded input of `padded_size`.
+      image_size: int32 `[2]`, the unpadded (H, W).
+      padded_size: int32 `[2]`, (Hp, Wp).
+
+    Returns:
+      `[B, h, w, T, C + 1]`.
+    """
+    heads_size = tf.shape(class_logits)[1:3]
+    # A heads pixel covers input rows [i * stride, (i + 1) * stride): it sees the image
+    # when i * stride < H.
+    stride = padded_size // heads_size
+    rows = tf.range(heads_size[0]) * stride[0] < image_size[0]
+    cols = tf.range(heads_size[1]) * stride[1] < image_size[1]
+    inside = tf.logical_and(rows[:, None], cols[None, :])[None, :, :, None, None]
+    num_classes = tf.shape(class_logits)[-1]
+    background = tf.one_hot(0, num_classes, on_value=_PADDING_LOGIT,
+                            off_value=-_PADDING_LOGIT, dtype=class_logits.dtype)
+    return tf.where(inside, class_logits, background)
+
+
+def network_function(model: keras.Model) -> tf.types.experimental.PolymorphicFunction:
+    """`model` in inference mode as a `tf.function` over float32 `[B, H, W, 3]` images.
+
+    Traced once for any batch and image size, so functions that call the network in
+    several places (the SavedModel signatures) hold one copy of its graph, not one per
+    call site.
+    """
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)],
+                 autograph=False)
+    def network(images):
+        return model(images, training=False)
+
+    return network
+
+
+def predict_images(model, images: tf.Tensor,
+                   config: inference.InferenceConfig) -> dict[str, tf.Tensor]:
+    """Runs the network and the paper's inference on a batch of same-size images.
+
+    Plain TensorFlow ops: call it eagerly, or inside any `tf.function` (the SavedModel
+    signatures of `export.py` do).
+
+    Args:
+      model: a model from `build_model`, or `network_function(model)`.
+      images: `[B, H, W, 3]` RGB, uint8 or float in [0, 255], any H, W >= 1.
+      config: the inference settings.
+
+    Returns:
+      `inference.predict_instances`' outputs at the input resolution
+      (`num_detections [B]`, `detection_masks` bool `[B, K, H, W]`,
+      `detection_classes [B, K]`, `detection_scores [B, K]`, `detection_taus [B, K]`,
+      `seed_indices [B, K]`, `instance_map [B, H, W]`) plus the heads' `embeddings
+      [B, h, w, d]` and `class_probs [B, h, w, T, C + 1]` of the padded input.
+    """
+    image_size = tf.shape(images)[1:3]
+    padded = pad_images(images)
+    padded_size = tf.shape(padded)[1:3]
+    if isinstance(model, keras.Model):
+        outputs = model(padded, training=False)
+    else:
+        outputs = model(padded)
+    logits = mask_padding_logits(tf.cast(outputs["class_logits"], tf.float32),
+                                 image_size, padded_size)
+    embeddings = tf.cast(outputs["embeddings"], tf.float32)
+    detections = inference.predict_instances(embeddings, logits, padded_size, config)
+    detections["detection_masks"] = detections["detection_masks"][
+        :, :, :image_size[0], :image_size[1]]
+    detections["instance_map"] = detections["instance_map"][
+        :, :image_size[0], :image_size[1]]
+    detections["embeddings"] = embeddings
+    detections["class_probs"] = tf.nn.softmax(logits, axis=-1)
+    return detections
+
+
+def make_predict_fn(model: keras.Model, config: inference.InferenceConfig,
+                    jit_compile: bool = False):
+    """Returns `predict(images) -> dict`, `predict_images` as a `tf.function`.
+
+    `images` is `[B, H, W, 3]` (uint8 or float, RGB); the dict holds
+    `inference.predict_instances`' outputs at the input resolution
+    (`detection_masks [B, K, H, W]`, `instance_map [B, H, W]`, ...) plus the heads'
+    `embeddings [B, h, w, d]` and `class_probs [B, h, w, T, C + 1]` of the padded input.
+    """
+
+    @tf.function(jit_compile=jit_compile, reduce_retracing=True)
+    def predict(images):
+        return predict_images(model, images, config)
+
+    return predict

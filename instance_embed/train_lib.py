@@ -1,0 +1,333 @@
+"""The training loop: any `tf.distribute` strategy, checkpoints and resume, TensorBoard.
+
+`train(config, model_dir)` runs an `ExperimentConfig` to `config.train.train_steps`:
+
+* the batches of `data.pipeline.train_dataset`, distributed with
+  `strategy.distribute_datasets_from_function` (each input pipeline reads its own shard at
+  the per-replica batch size);
+* one `strategy.run` per step; each replica's loss is its share of the global-batch mean
+  (`losses.InstanceLoss(global_batch_reduction=True)`), so the gradients that Keras'
+  optimizer sums across replicas are those of the global-batch mean;
+* two Adam(W) optimizers, the backbone's at `backbone_lr_multiplier` x the heads' learning
+  rate (paper 3.5; a gradient multiplier would not do: Adam is invariant to gradient scale);
+* `tf.train.CheckpointManager` in `model_dir/ckpt/` (model, both optimizers, step): a
+  restarted run resumes from the last complete checkpoint;
+* a non-finite loss stops the run with `TrainingDivergedError` before anything is saved,
+  so the last good checkpoint stays the latest one;
+* scalars every `log_every` steps, images and the embedding projector every
+  `summary_every` steps (see `summaries.py`), evaluation every `eval_every` steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from instance_embed import configs
+from instance_embed import data as datasets
+from instance_embed import eval_lib
+from instance_embed import losses
+from instance_embed import summaries
+from instance_embed.data import pipeline
+from instance_embed.model import build_model
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+def make_strategy(name: str, tpu: str | None = None) -> tf.distribute.Strategy:
+    """Returns the `tf.distribute` strategy called `name` (see `configs.STRATEGIES`)."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker_mirrored":
+        # Reads the cluster from TF_CONFIG.
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(
+        f"strategy={name!r}: must be one of {', '.join(configs.STRATEGIES)}")
+
+
+class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from 0 to `peak`, then cosine decay to `final_fraction * peak`."""
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int,
+                 final_fraction: float, decay: str = "cosine"):
+        self.peak = float(peak)
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = max(int(total_steps), 1)
+        self.final_fraction = float(final_fraction)
+        self.decay = decay
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup = tf.cast(self.warmup_steps, tf.float32)
+        warm = self.peak * tf.minimum(1.0, (step + 1.0) / tf.maximum(warmup, 1.0))
+        if self.decay == "constant":
+            return warm
+        span = tf.maximum(float(self.total_steps) - warmup, 1.0)
+        progress = tf.clip_by_value((step - warmup) / span, 0.0, 1.0)
+        cosine = 0.5 * (1.0 + tf.cos(math.pi * progress))
+        decayed = self.peak * (self.final_fraction + (1.0 - self.final_fraction) * cosine)
+        return tf.where(step < warmup, warm, decayed)
+
+    def get_config(self):
+        return dict(peak=self.peak, warmup_steps=self.warmup_steps,
+                    total_steps=self.total_steps, final_fraction=self.final_fraction,
+                    decay=self.decay)
+
+
+class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """`base(step) * factor`: the backbone's learning rate."""
+
+    def __init__(self, base: keras.optimizers.schedules.LearningRateSchedule, factor: float):
+        self.base = base
+        self.factor = float(factor)
+
+    def __call__(self, step):
+        return self.base(step) * self.factor
+
+    def get_config(self):
+        return dict(base=self.base.get_config(), factor=self.factor)
+
+
+def _make_optimizer(schedule, train_config: configs.TrainConfig, mixed_precision: str | None):
+    kwargs = dict(learning_rate=schedule)
+    if train_config.gradient_clip_norm > 0:
+        kwargs["global_clipnorm"] = train_config.gradient_clip_norm
+    if train_config.weight_decay > 0:
+        optimizer = keras.optimizers.AdamW(weight_decay=train_config.weight_decay, **kwargs)
+    else:
+        optimizer = keras.optimizers.Adam(**kwargs)
+    if mixed_precision == "mixed_float16":
+        # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def split_variables(model: keras.Model):
+    """(backbone variables, head variables) of a model built by `build_model`."""
+    backbone = model.get_layer("backbone").trainable_variables
+    backbone_ids = {id(v) for v in backbone}
+    heads = [v for v in model.trainable_variables if id(v) not in backbone_ids]
+    return list(backbone), heads
+
+
+def _validate_replicas(config: configs.ExperimentConfig, strategy) -> int:
+    replicas = strategy.num_replicas_in_sync
+    if config.train.batch_size % replicas:
+        raise ValueError(
+            f"batch_size={config.train.batch_size}: must be divisible by the number of "
+            f"replicas ({replicas}) of strategy {config.train.strategy!r}")
+    return config.train.batch_size // replicas
+
+
+def _distributed_dataset(config: configs.ExperimentConfig, strategy, per_replica_batch: int,
+                         seed: int):
+    examples = datasets.load(
+        config.dataset.name, config.dataset.train_split, data_dir=config.dataset.data_dir,
+        manual_dir=config.dataset.manual_dir, config=config.dataset.builder_config)
+
+    def dataset_fn(input_context: tf.distribute.InputContext):
+        shard = examples.shard(input_context.num_input_pipelines,
+                               input_context.input_pipeline_id)
+        return pipeline.train_dataset(
+            shard, config.input, batch_size=per_replica_batch,
+            seed=seed + 7919 * input_context.input_pipeline_id)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _is_chief(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker" and resolver.task_id == 0)
+
+
+def train(config: configs.ExperimentConfig, model_dir: str,
+          stop_after_steps: int | None = None) -> dict:
+    """Trains (or resumes) a run; returns the final losses and, if evaluated, metrics.
+
+    Args:
+      config: the run's configuration.
+      model_dir: run directory (created if missing; resumed if it holds checkpoints).
+      stop_after_steps: leave after this many steps of this call (checkpointing first),
+        as a preempted job would; the schedule still runs to `config.train.train_steps`.
+    """
+    tc = config.train
+    strategy = make_strategy(tc.strategy, tc.tpu)
+    per_replica_batch = _validate_replicas(config, strategy)
+    chief = _is_chief(strategy)
+    # Non-chief workers write to their own scratch directory: multi-worker saving needs
+    # every worker to save, but only the chief's files are the run's.
+    write_dir = model_dir if chief else os.path.join(
+        model_dir, "workers", f"worker_{strategy.cluster_resolver.task_id}")
+    if chief:
+        config.save(model_dir)
+
+    keras.utils.set_random_seed(tc.seed)
+    with strategy.scope():
+        model = build_model(config.model)
+        schedule = WarmupCosineSchedule(tc.learning_rate, tc.warmup_steps, tc.train_steps,
+                                        tc.final_lr_fraction, tc.decay)
+        head_optimizer = _make_optimizer(schedule, tc, config.model.mixed_precision)
+        backbone_optimizer = _make_optimizer(
+            ScaledSchedule(schedule, tc.backbone_lr_multiplier), tc,
+            config.model.mixed_precision)
+        backbone_vars, head_vars = split_variables(model)
+        train_backbone = tc.backbone_lr_multiplier > 0 and bool(backbone_vars)
+        head_optimizer.build(head_vars)
+        if train_backbone:
+            backbone_optimizer.build(backbone_vars)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+    loss_fn = losses.InstanceLoss(config.loss, global_batch_reduction=True)
+
+    checkpoint = tf.train.Checkpoint(model=model, head_optimizer=head_optimizer,
+                                     backbone_optimizer=backbone_optimizer, step=step)
+    manager = tf.train.CheckpointManager(
+        checkpoint, os.path.join(write_dir, "ckpt"), max_to_keep=tc.max_checkpoints,
+        step_counter=step)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        logging.info("Resumed from %s at step %d", manager.latest_checkpoint, int(step))
+    start_step = int(step)
+    if start_step >= tc.train_steps:
+        logging.info("Already at step %d >= train_steps=%d: nothing to train.",
+                     start_step, tc.train_steps)
+
+    # A resumed run draws a fresh augmentation stream rather than replaying the first one.
+    dataset = _distributed_dataset(config, strategy, per_replica_batch,
+                                   seed=tc.seed + 1000003 * start_step)
+    iterator = iter(dataset)
+    scaled = config.model.mixed_precision == "mixed_float16"
+
+    def replica_step(batch):
+        replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
+        seed = tf.stack([tf.cast(tc.seed, tf.int64) * 1000 + tf.cast(replica_id, tf.int64),
+                         step])
+        with tf.GradientTape() as tape:
+            outputs = model(batch["image"], training=True)
+            loss_values = loss_fn(outputs, batch, step=step, seed=seed)
+            total = loss_values["total"]
+            if tc.debug_nan_at_step >= 0:
+                # Added, not multiplied: the NaN must not reach other steps' gradients.
+                total = total + tf.where(step == tc.debug_nan_at_step, np.nan, 0.0)
+                loss_values = dict(loss_values, total=total)
+            replica_loss = total
+            if scaled:
+                replica_loss = head_optimizer.scale_loss(replica_loss)
+        variables = head_vars + (backbone_vars if train_backbone else [])
+        grads = tape.gradient(replica_loss, variables)
+        head_optimizer.apply_gradients(zip(grads[:len(head_vars)], head_vars))
+        if train_backbone:
+            backbone_optimizer.apply_gradients(zip(grads[len(head_vars):], backbone_vars))
+        return {k: v for k, v in loss_values.items() if v.shape.rank == 0}
+
+    @tf.function
+    def train_step(iterator):
+        per_replica = strategy.run(replica_step, args=(next(iterator),))
+        step.assign_add(1)
+        # Each replica holds its share of the global mean: the sum is the mean.
+        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN if k == "cls_weight"
+                                   else tf.distribute.ReduceOp.SUM, v, axis=None)
+                for k, v in per_replica.items()}
+
+    train_writer = tf.summary.create_file_writer(os.path.join(write_dir, "train"))
+    eval_writer = tf.summary.create_file_writer(os.path.join(write_dir, "eval"))
+    pictures = None
+    last = {}
+    metrics = {}
+    window_start, window_steps = time.perf_counter(), 0
+    run_start = time.perf_counter()
+
+    end_step = tc.train_steps if stop_after_steps is None else min(
+        tc.train_steps, start_step + stop_after_steps)
+    while int(step) < end_step:
+        values = train_step(iterator)
+        current = int(step)
+        last = {k: float(v) for k, v in values.items()}
+        if not all(math.isfinite(v) for v in last.values()):
+            raise TrainingDivergedError(
+                f"Loss became non-finite at step {current} ({last}); stopping without "
+                f"saving. The last good checkpoint is {manager.latest_checkpoint}. "
+                "Try a lower --learning_rate or check the input data.")
+        window_steps += 1
+        if current % tc.log_every == 0 or current == tc.train_steps:
+            elapsed = time.perf_counter() - window_start
+            images_per_s = window_steps * tc.batch_size / max(elapsed, 1e-9)
+            lr = float(schedule(current - 1))
+            remaining = (tc.train_steps - current) * elapsed / max(window_steps, 1)
+            logging.info(
+                "step %d/%d | loss %.4f (embedding %.4f, classification %.4f, lambda %.3f)"
+                " | lr %.2e | %.1f img/s | ETA %s", current, tc.train_steps, last["total"],
+                last["embedding"], last["classification"], last["cls_weight"], lr,
+                images_per_s, _format_eta(remaining))
+            with train_writer.as_default(step=current):
+                for key, value in last.items():
+                    tf.summary.scalar(f"loss/{key}" if key != "cls_weight" else "lambda",
+                                      value)
+                tf.summary.scalar("learning_rate", lr)
+                tf.summary.scalar("images_per_second", images_per_s)
+            window_start, window_steps = time.perf_counter(), 0
+        if chief and (current % tc.summary_every == 0 or current == tc.train_steps):
+            if pictures is None:
+                pictures = summaries.TrainingPictures(model, config)
+            pictures.write_images(train_writer, current)
+            pictures.write_projector(os.path.join(write_dir, "projector"))
+        if current % tc.checkpoint_every == 0 or current == end_step:
+            manager.save(checkpoint_number=current)
+        if tc.eval_every and current % tc.eval_every == 0 and current < tc.train_steps:
+            metrics = _evaluate(model, config, eval_writer, current, write_dir, chief)
+
+    if manager.latest_checkpoint is None or int(step) > _checkpoint_step(manager):
+        manager.save(checkpoint_number=int(step))
+    if int(step) < tc.train_steps:
+        logging.info("Stopped at step %d of %d; run again to resume.", int(step),
+                     tc.train_steps)
+        return {"step": int(step), "losses": last, "metrics": metrics}
+    if tc.eval_at_end and chief and not (
+            metrics and metrics.get("step") == int(step)):
+        metrics = _evaluate(model, config, eval_writer, int(step), write_dir, chief)
+    train_writer.flush()
+    eval_writer.flush()
+    logging.info("Training finished at step %d in %s.", int(step),
+                 _format_eta(time.perf_counter() - run_start))
+    return {"step": int(step), "losses": last, "metrics": metrics}
+
+
+def _checkpoint_step(manager: tf.train.CheckpointManager) -> int:
+    return int(manager.latest_checkpoint.rsplit("-", 1)[-1])
+
+
+def _evaluate(model, config, writer, step: int, model_dir: str, chief: bool) -> dict:
+    if not chief:
+        return {}
+    evaluator = eval_lib.evaluate_model(model, config,
+                                        max_examples=config.train.eval_max_examples)
+    result = eval_lib.write_outputs(evaluator, model_dir)
+    with writer.as_default(step=step):
+        for key, value in result.items():
+            if isinstance(value, (int, float)) and np.isfinite(value):
+                tf.summary.scalar(f"metrics/{key}", value)
+    return dict(result, step=step)

@@ -1,0 +1,224 @@
+"""Training loop: checkpoints, TensorBoard tags, resume, NaN handling, distribution."""
+
+import dataclasses
+import glob
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from instance_embed import checkpoints
+from instance_embed import configs
+from instance_embed import inference
+from instance_embed import losses
+from instance_embed import train_lib
+from instance_embed.data import augment
+from instance_embed.data import pipeline
+from instance_embed.model import config as model_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TAUS = (0.5, 0.75)
+NO_AUGMENT = augment.AugmentConfig(rotate=False, resize=False, crop=False, flip=False)
+
+
+def _write_folder_dataset(root, count=5, size=64):
+    """`count` images with two or three rectangles each, in the instance_folder layout."""
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "images"))
+    os.makedirs(os.path.join(root, "masks"))
+    for i in range(count):
+        mask = np.zeros((size, size), np.uint8)
+        for k in range(1, 2 + i % 2 + 1):
+            y, x = rng.integers(0, size - 20, 2)
+            mask[y:y + 18, x:x + 18] = k
+        image = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+        image[mask > 0] += np.uint8(120)
+        Image.fromarray(image).save(os.path.join(root, "images", f"img{i}.png"))
+        Image.fromarray(mask).save(os.path.join(root, "masks", f"img{i}.png"))
+    return root
+
+
+def _config(data_dir, manual_dir, **train):
+    train_kwargs = dict(batch_size=4, train_steps=6, learning_rate=3e-3, warmup_steps=0,
+                        log_every=1, summary_every=3, checkpoint_every=3, eval_at_end=False,
+                        seed=3)
+    train_kwargs.update(train)
+    return configs.ExperimentConfig(
+        dataset=configs.DatasetConfig(name="instance_folder", data_dir=str(data_dir),
+                                      manual_dir=str(manual_dir)),
+        input=pipeline.InputConfig(image_size=64, max_instances=4, augment=NO_AUGMENT,
+                                   shuffle_buffer=1),
+        model=model_config.ModelConfig(backbone="light", embedding_dim=8, num_classes=1,
+                                       taus=TAUS, head_channels=16, head_depth=1),
+        loss=losses.LossConfig(points_per_instance=4, cls_warmup_steps=2, cls_ramp_steps=2,
+                               taus=TAUS),
+        inference=inference.InferenceConfig(num_seeds=5, taus=TAUS),
+        train=configs.TrainConfig(**train_kwargs))
+
+
+@pytest.fixture(scope="module")
+def folder_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder")
+    manual = _write_folder_dataset(str(root / "raw"))
+    return str(root / "tfds"), manual
+
+
+def _scalars(event_dir):
+    """{tag: [(step, value)]} and the set of image tags of a TensorBoard log directory."""
+    scalars, images = {}, set()
+    for path in glob.glob(os.path.join(event_dir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tensor = tf.make_ndarray(value.tensor)
+                if tensor.dtype == object or tensor.ndim == 1 and tensor.size > 1:
+                    images.add(value.tag)
+                else:
+                    scalars.setdefault(value.tag, []).append((event.step, float(tensor)))
+    return scalars, images
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = _config("d", "m", train_steps=11)
+    config.save(str(tmp_path))
+    loaded = configs.ExperimentConfig.load(str(tmp_path))
+    assert loaded == config
+    assert loaded.model.taus == TAUS
+
+
+def test_config_rejects_disagreeing_taus():
+    with pytest.raises(ValueError, match="taus"):
+        configs.ExperimentConfig(model=model_config.ModelConfig(taus=(0.5,)))
+
+
+def test_learning_rate_schedule_matches_formula():
+    schedule = train_lib.WarmupCosineSchedule(1e-3, warmup_steps=10, total_steps=110,
+                                              final_fraction=0.1)
+    assert float(schedule(0)) == pytest.approx(1e-4)
+    assert float(schedule(9)) == pytest.approx(1e-3)
+    halfway = 0.1e-3 + 0.9e-3 * 0.5 * (1 + np.cos(np.pi * 0.5))
+    assert float(schedule(60)) == pytest.approx(halfway, rel=1e-5)
+    assert float(schedule(110)) == pytest.approx(1e-4, rel=1e-5)
+    scaled = train_lib.ScaledSchedule(schedule, 0.1)
+    assert float(scaled(60)) == pytest.approx(0.1 * halfway, rel=1e-5)
+
+
+def test_short_run_writes_checkpoints_summaries_and_learns(folder_dataset, tmp_path):
+    data_dir, manual = folder_dataset
+    model_dir = str(tmp_path / "run")
+    config = _config(data_dir, manual, train_steps=30, summary_every=15, checkpoint_every=10)
+    result = train_lib.train(config, model_dir)
+    assert result["step"] == 30
+
+    ckpts = tf.train.get_checkpoint_state(os.path.join(model_dir, "ckpt"))
+    steps = sorted(int(p.rsplit("-", 1)[1]) for p in ckpts.all_model_checkpoint_paths)
+    assert steps == [10, 20, 30]
+    assert json.load(open(os.path.join(model_dir, "config.json")))["train"]["train_steps"] == 30
+
+    scalars, images = _scalars(os.path.join(model_dir, "train"))
+    for tag in ("loss/total", "loss/embedding", "loss/classification", "lambda",
+                "learning_rate", "images_per_second"):
+        assert tag in scalars, tag
+    assert {"input/image", "input/ground_truth", "output/embeddings_rgb",
+            "output/seediness", "output/predicted_instances"} <= images
+    lam = dict(scalars["lambda"])
+    assert lam[1] == 0.0 and lam[2] == 0.0 and lam[30] == pytest.approx(0.2)
+    embedding = [v for _, v in sorted(scalars["loss/embedding"])]
+    assert np.mean(embedding[-5:]) < 0.5 * np.mean(embedding[:5])
+
+    projector_dir = os.path.join(model_dir, "projector")
+    assert os.path.exists(os.path.join(projector_dir, "projector_config.pbtxt"))
+    rows = open(os.path.join(projector_dir, "metadata.tsv")).read().splitlines()
+    assert rows[0] == "image\tinstance\tclass"
+    saved = tf.train.load_variable(
+        tf.train.latest_checkpoint(projector_dir), "embeddings/.ATTRIBUTES/VARIABLE_VALUE")
+    assert saved.shape == (len(rows) - 1, 8)
+
+
+def _final_weights(model_dir):
+    model, _, _ = checkpoints.restore_model(model_dir)
+    return [v.numpy() for v in model.weights]
+
+
+def test_resume_matches_straight_run(folder_dataset, tmp_path):
+    data_dir, manual = folder_dataset
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_lib.train(_config(data_dir, manual, train_steps=6), straight)
+    first = train_lib.train(_config(data_dir, manual, train_steps=6), resumed,
+                            stop_after_steps=3)
+    assert first["step"] == 3
+    result = train_lib.train(_config(data_dir, manual, train_steps=6), resumed)
+    assert result["step"] == 6
+
+    reader = tf.train.load_checkpoint(checkpoints.latest_checkpoint(resumed))
+    assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 6
+    for a, b in zip(_final_weights(straight), _final_weights(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # Adam's moments were restored, not restarted: they match the straight run's too.
+    straight_reader = tf.train.load_checkpoint(checkpoints.latest_checkpoint(straight))
+    moments = [k for k in straight_reader.get_variable_to_shape_map()
+               if k.startswith("head_optimizer/") and "VARIABLE_VALUE" in k]
+    assert moments
+    for key in moments:
+        np.testing.assert_allclose(reader.get_tensor(key), straight_reader.get_tensor(key),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(folder_dataset, tmp_path):
+    data_dir, manual = folder_dataset
+    model_dir = str(tmp_path / "nan")
+    config = _config(data_dir, manual, train_steps=8, checkpoint_every=2, debug_nan_at_step=4)
+    with pytest.raises(train_lib.TrainingDivergedError, match="step 5"):
+        train_lib.train(config, model_dir)
+    latest = checkpoints.latest_checkpoint(model_dir)
+    assert latest.endswith("ckpt-4")
+    for weight in _final_weights(model_dir):
+        assert np.all(np.isfinite(weight))
+
+
+def test_batch_size_must_divide_over_replicas(folder_dataset, tmp_path):
+    data_dir, manual = folder_dataset
+    config = _config(data_dir, manual, batch_size=3)
+    strategy = type("TwoReplicas", (), {"num_replicas_in_sync": 2})()
+    with pytest.raises(ValueError, match="batch_size=3"):
+        train_lib._validate_replicas(config, strategy)
+
+
+_FIRST_STEP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration()] * 2)
+    sys.path.insert(0, {tests!r})
+    import test_train
+    from instance_embed import train_lib
+    config = test_train._config({data!r}, {manual!r}, train_steps=1, strategy={strategy!r},
+                                summary_every=100, checkpoint_every=100)
+    result = train_lib.train(config, {model_dir!r})
+    print("RESULT" + json.dumps(result["losses"]))
+""")
+
+
+def _first_step_losses(strategy, data_dir, manual, model_dir):
+    script = _FIRST_STEP_SCRIPT.format(tests=os.path.join(REPO, "tests"), data=data_dir,
+                                       manual=manual, strategy=strategy, model_dir=model_dir)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+def test_mirrored_first_step_equals_default(folder_dataset, tmp_path):
+    data_dir, manual = folder_dataset
+    default = _first_step_losses("default", data_dir, manual, str(tmp_path / "default"))
+    mirrored = _first_step_losses("mirrored", data_dir, manual, str(tmp_path / "mirrored"))
+    for key in ("total", "embedding", "classification"):
+        assert mirrored[key] == pytest.approx(default[key], rel=1e-4, abs=1e-5), key
