@@ -30,9 +30,14 @@ setuptools.setup(
         "scikit-image",
         "absl-py",
         "pillow",
+        # PNG plots of the evaluation (imported only when plotting).
+        "matplotlib",
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest", "pycocotools", "hypothesis"],
+        # Only for comparing our post-processing with clustering (benchmarks/).
+        "bench": ["scikit-learn"],
     },
     entry_points={
         "console_scripts": [

@@ -23,8 +23,8 @@ Signatures (K = `num_seeds`, fixed at export time; B images per request):
 | `detection_masks` | uint8 `[B, K, H, W]` | 0/1 masks at the input resolution |
 | `detection_classes` | int32 `[B, K]` | class ids 1..C, 0 for invalid slots |
 | `detection_scores` | float32 `[B, K]` | descending, 0 for invalid slots |
-| `instance_map` | int32 `[B, H, W]` | 1-based index of the highest-scored mask on each pixel, 0 elsewhere |
-| `instance_map_png_bytes` | string `[B]` | `instance_map` of each image as a 16-bit grayscale PNG, at that image's own size |
+| `instance_map` | int32 `[B, H, W]` | k: the k-th mask is the best on the pixel; 0: none |
+| `instance_map_png_bytes` | string `[B]` | each image's `instance_map` as a 16-bit PNG |
 | `image_size` | int32 `[B, 2]` | (height, width) of each input image |
 
 `serving_compact` returns only `num_detections`, `detection_classes`,
@@ -36,9 +36,10 @@ Object Detection API) because they are ids.
 
 Encoded images may differ in size within a request: the dense outputs are then at the
 largest height and width of the batch, each image's results at the top-left and zeros
-beyond its own `image_size`; such a batch runs the network one image at a time, so an
-image's results never depend on the other images of its request. Grayscale and RGBA
-(and palette, 16-bit) inputs are converted to RGB (alpha is dropped).
+beyond its own `image_size` (the PNGs are at each image's own size); such a batch runs
+the network one image at a time, so an image's results never depend on the other images
+of its request. Grayscale and RGBA (and palette, 16-bit) inputs are converted to RGB
+(alpha is dropped).
 
 Bad input fails the request with `InvalidArgumentError`, never the process: a message
 names the input, the image's index in the batch and the problem (empty, neither JPEG
@@ -59,7 +60,7 @@ import numbers
 import os
 import shutil
 import tempfile
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import keras
 import tensorflow as tf
@@ -92,6 +93,9 @@ _PNG_IHDR = (73, 72, 68, 82)  # b"IHDR"
 # JPG (C8) and DAC (CC).
 _JPEG_SOF_MARKERS = (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
                      0xCE, 0xCF)
+# Real JPEGs have a few dozen segments before the frame header at most; the cap keeps a
+# crafted file (megabytes of fill bytes) from holding a server thread.
+JPEG_MAX_MARKERS = 1000
 _DETECTION_KEYS = ("num_detections", "detection_masks", "detection_classes",
                    "detection_scores", "instance_map")
 
@@ -194,8 +198,8 @@ def read_image_headers(image_bytes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf
     length = tf.strings.length(image_bytes)
     head = _bytes_at(image_bytes, tf.zeros_like(length), 24)
     is_png = tf.reduce_all(head[:, :8] == tf.constant(_PNG_SIGNATURE, tf.int64), axis=1)
-    is_jpeg = tf.logical_and(tf.reduce_all(head[:, :3] == tf.constant([0xFF, 0xD8, 0xFF], tf.int64),
-                                           axis=1), length >= 3)
+    jpeg_start = tf.constant([0xFF, 0xD8, 0xFF], tf.int64)  # SOI and the next marker
+    is_jpeg = tf.logical_and(tf.reduce_all(head[:, :3] == jpeg_start, axis=1), length >= 3)
     formats = tf.where(is_png, FORMAT_PNG, tf.where(is_jpeg, FORMAT_JPEG, FORMAT_UNKNOWN))
 
     png_ok = tf.logical_and(
@@ -230,7 +234,7 @@ def _jpeg_frame_size(image_bytes: tf.Tensor, length: tf.Tensor, is_jpeg: tf.Tens
 
     Every step reads one marker at `pos` for every unfinished image and jumps over its
     segment, so a step costs one 9-byte read per image and a typical file needs five.
-    Each step moves forward by at least one byte, so the loop ends.
+    A file without a frame header within `JPEG_MAX_MARKERS` markers counts as corrupt.
     """
     length = tf.cast(length, tf.int64)
     batch = tf.shape(image_bytes)[0]
@@ -269,7 +273,8 @@ def _jpeg_frame_size(image_bytes: tf.Tensor, length: tf.Tensor, is_jpeg: tf.Tens
     start = tf.fill([batch], tf.constant(2, tf.int64))  # just after the SOI marker
     _, _, height, width = tf.while_loop(
         lambda pos, done, *_: tf.logical_not(tf.reduce_all(done)), step,
-        (start, tf.logical_not(is_jpeg), missing, missing))
+        (start, tf.logical_not(is_jpeg), missing, missing),
+        maximum_iterations=JPEG_MAX_MARKERS)
     return height, width
 
 
@@ -323,12 +328,14 @@ def decode_images(image_bytes: tf.Tensor, max_image_pixels: int = DEFAULT_MAX_IM
 
     # tf.data is the one graph construct that can skip a failing op (ignore_errors), so
     # an image that does not decode is found by its missing index rather than failing
-    # the request with a message that cannot say which image it was.
+    # the request with a message that cannot say which image it was. When every image
+    # fails there is no batch: the empty one after it is taken instead. (Dataset.reduce
+    # would do the same but costs ~10 ms more per request.)
     decoded = (tf.data.Dataset.from_tensor_slices((tf.range(batch), image_bytes, formats))
                .map(decode).ignore_errors().padded_batch(tf.cast(batch, tf.int64)))
-    indices, images, sizes = decoded.reduce(
-        (tf.zeros([0], tf.int32), tf.zeros([0, 0, 0, 3], tf.uint8), tf.zeros([0, 2], tf.int32)),
-        lambda _, batch_of_all: batch_of_all)
+    nothing = tf.data.Dataset.from_tensors(
+        (tf.zeros([0], tf.int32), tf.zeros([0, 0, 0, 3], tf.uint8), tf.zeros([0, 2], tf.int32)))
+    indices, images, sizes = decoded.concatenate(nothing).take(1).get_single_element()
     arrived = tf.reduce_any(tf.range(batch)[:, None] == indices[None, :], axis=1)
     check = _assert_first_ok([(tf.logical_not(arrived), _message(
         input_name, batch, "could not be decoded: corrupt or truncated ", _format_name(formats),
@@ -374,7 +381,11 @@ def _assert_first_ok(problems: Sequence[tuple[tf.Tensor, tf.Tensor]]) -> tf.Oper
     count = tf.shape(any_failed)[0]
     first_image = tf.reduce_min(tf.where(any_failed, tf.range(count), count))
     image = tf.minimum(first_image, tf.maximum(count - 1, 0))
-    first_problem = tf.argmax(tf.cast(failed[:, image], tf.int32), output_type=tf.int32)
+    num_problems = len(problems)
+    # tf.argmax does not promise the lowest index on ties. Clipped, as `image` is, so
+    # that the message can be built (and ignored) when nothing failed.
+    first_problem = tf.reduce_min(
+        tf.where(failed[:, image], tf.range(num_problems), num_problems - 1))
     message = tf.cond(count > 0, lambda: messages[first_problem, image], lambda: "")
     return tf.debugging.Assert(tf.logical_not(tf.reduce_any(any_failed)), [message])
 
@@ -402,7 +413,7 @@ def _hex_prefix(image_bytes: tf.Tensor, count: int = 8) -> tf.Tensor:
 # The serving computation.
 
 
-def detect(model: keras.Model, images: tf.Tensor, sizes: tf.Tensor,
+def detect(model: keras.Model | Callable, images: tf.Tensor, sizes: tf.Tensor,
            config: inference.InferenceConfig, same_size: bool = False
            ) -> dict[str, tf.Tensor]:
     """Detections for a batch of images padded to a common size.
@@ -573,6 +584,8 @@ def export_saved_model(model: keras.Model, experiment_config: configs.Experiment
         archive.write_out(tmp_path, verbose=False)
         _write_assets_extra(tmp_path, names, experiment_config, inference_config,
                             export_config, checkpoint_path)
+        # mkdtemp made it private; a server running as another user must read it.
+        os.chmod(tmp_path, 0o777 & ~_umask())
         if os.path.exists(final_path):
             shutil.rmtree(final_path)
         os.rename(tmp_path, final_path)
@@ -696,6 +709,12 @@ def rest_request_body(image_bytes_list: Sequence[bytes],
         "instances": [{BYTES_INPUT: {"b64": base64.b64encode(data).decode("ascii")}}
                       for data in image_bytes_list],
     }
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _versions(export_dir: str) -> list[int]:

@@ -147,8 +147,9 @@ def sample_points(labels: tf.Tensor,
       instance_valid: bool [batch, M], whether instance id `i` (index `i - 1`) exists.
       points_per_instance: K (Python int >= 1).
       seed: int32/int64 [2], the seed of the stateless random ops (vary it per step,
-        and per replica if replicas should draw independently). A seed gives the same
-        points on the same kind of device; XLA-compiled code draws other numbers.
+        and per replica if replicas should draw independently), or [batch, 2], one seed
+        per image. A seed gives the same points on the same kind of device;
+        XLA-compiled code draws other numbers.
       instance_size_weighting: point weights 1 / (pixel count of the point's instance at
         this resolution) when True, else 1; padding points weigh 0.
 
@@ -182,7 +183,15 @@ def sample_points(labels: tf.Tensor,
     sizes = tf.reduce_sum(tf.cast(member, tf.int32), axis=-1)            # [B, M + 1]
 
     # A pixel belongs to at most one slot, so one key per pixel serves every slot.
-    keys = tf.random.stateless_uniform(tf.stack([batch, n]), seed=seed, dtype=tf.float32)
+    if seed.shape.rank == 2:
+        # One seed per image: an image's points do not depend on how the global batch
+        # is split across replicas (a mirrored run samples what a single device would).
+        keys = tf.map_fn(
+            lambda image_seed: tf.random.stateless_uniform(tf.reshape(n, [1]), seed=image_seed,
+                                                           dtype=tf.float32),
+            seed, fn_output_signature=tf.TensorSpec([None], tf.float32))
+    else:
+        keys = tf.random.stateless_uniform(tf.stack([batch, n]), seed=seed, dtype=tf.float32)
     masked_keys = tf.where(member, keys[:, None, :], -1.0)
     top = min(k, n) if isinstance(n, int) else k
     _, ranked = tf.math.top_k(masked_keys, k=top, sorted=True)          # [B, M + 1, top]
@@ -600,7 +609,7 @@ class InstanceLoss:
       batch: {"instances": int [B, S, S], "instance_classes": int [B, M],
         "instance_valid": bool [B, M], ...} (extra keys ignored).
       step: int scalar, the optimizer step (drives lambda).
-      seed: int32/int64 [2], seed of the point sampling.
+      seed: int32/int64 [2] or [B, 2] (one per image), seed of the point sampling.
 
     Returns:
       A dict of float32 scalars "total", "embedding", "classification", "cls_weight",
@@ -712,9 +721,10 @@ def _check_integer(x: tf.Tensor, name: str) -> None:
 
 def _check_seed(seed) -> tf.Tensor:
     seed = tf.convert_to_tensor(seed)
-    if not seed.dtype.is_integer or seed.shape.rank != 1 or seed.shape[0] not in (2, None):
-        raise ValueError(f"seed must be an int32/int64 tensor of shape [2], got {seed.dtype.name} "
-                         f"{seed.shape}")
+    if (not seed.dtype.is_integer or seed.shape.rank not in (1, 2)
+            or seed.shape[-1] not in (2, None)):
+        raise ValueError(f"seed must be an int32/int64 tensor of shape [2] or [batch, 2], got "
+                         f"{seed.dtype.name} {seed.shape}")
     return seed if seed.dtype in (tf.int32, tf.int64) else tf.cast(seed, tf.int64)
 
 

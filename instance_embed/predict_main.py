@@ -187,12 +187,13 @@ def main(argv):
             with open(file, "rb") as f:
                 data = f.read()
         except OSError as e:
-            failures.append((file, f"cannot be read: {e.strerror or e}"))
+            _report_failure(bar, failures, file, f"cannot be read: {e.strerror or e}")
             continue
         try:
             outputs = predict(tf.constant([data]))
         except tf.errors.InvalidArgumentError as e:
-            failures.append((file, f"rejected by the model: {model_error_message(e)}"))
+            _report_failure(bar, failures, file,
+                            f"rejected by the model: {model_error_message(e)}")
             continue
         one = {key: value[0].numpy() for key, value in outputs.items()}
         detections = filter_detections(one, FLAGS.min_score)
@@ -213,12 +214,18 @@ def main(argv):
 
     with open(os.path.join(FLAGS.output, PREDICTIONS_FILENAME), "w", encoding="utf-8") as f:
         json.dump(results, f)
-    for file, reason in failures:
-        print(f"FAILED {file}: {reason}", file=sys.stderr)
     done = len(files) - len(failures)
     print(f"{done} of {len(files)} images done, {len(results)} detections; wrote "
           f"{os.path.join(FLAGS.output, PREDICTIONS_FILENAME)} using {path}")
+    if failures:
+        print(f"{len(failures)} failed: {', '.join(file for file, _ in failures)}",
+              file=sys.stderr)
     return 1 if failures else 0
+
+
+def _report_failure(bar, failures: list, file: str, reason: str) -> None:
+    failures.append((file, reason))
+    bar.write(f"FAILED {file}: {reason}", file=sys.stderr)
 
 
 def run():

@@ -223,9 +223,14 @@ def train(config: configs.ExperimentConfig, model_dir: str,
     scaled = config.model.mixed_precision == "mixed_float16"
 
     def replica_step(batch):
+        # One sampling seed per image, from its position in the global batch: a mirrored
+        # run samples the points a single device would.
         replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
-        seed = tf.stack([tf.cast(tc.seed, tf.int64) * 1000 + tf.cast(replica_id, tf.int64),
-                         step])
+        first = tf.cast(replica_id * per_replica_batch, tf.int64)
+        image_index = step * tc.batch_size + first + tf.range(per_replica_batch,
+                                                              dtype=tf.int64)
+        seed = tf.stack([tf.fill([per_replica_batch], tf.cast(tc.seed, tf.int64)),
+                         image_index], axis=1)
         with tf.GradientTape() as tape:
             outputs = model(batch["image"], training=True)
             loss_values = loss_fn(outputs, batch, step=step, seed=seed)

@@ -202,7 +202,8 @@ def test_penn_fudan_any_folder_of_any_size(tmp_path):
         np.testing.assert_array_equal(np.unique(example["instances"]), [0, 1, 2])
         assert example["instances"][2, 2] == 1 and example["instances"][7, 10] == 2
     # Three images give no validation image: the split does not exist.
-    builder = data.builder("penn_fudan_ped", data_dir=tmp_path / "tfds")
+    builder = data.builder("penn_fudan_ped", data_dir=data.prepared_dir_for_source(
+        tmp_path / "tfds", tmp_path / "manual"))
     assert set(builder.info.splits) == {"train"}
     assert manual.is_dir()
 
@@ -463,3 +464,14 @@ def test_instance_folder_empty_manual_dir_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="images/"):
         data.load("instance_folder", "train", data_dir=tmp_path / "tfds",
                   manual_dir=tmp_path / "wrong")
+
+
+def test_each_source_directory_gets_its_own_prepared_copy(tmp_path):
+    # Two Penn-Fudan-layout folders under one data_dir must not share a prepared copy.
+    first = make_penn_fudan(tmp_path / "first", num_images=5)
+    second = make_penn_fudan(tmp_path / "second", num_images=10)
+    data_dir = tmp_path / "tfds"
+    counts = [len(load_all("penn_fudan_ped", "train", data_dir, manual_dir=root)) +
+              len(load_all("penn_fudan_ped", "validation", data_dir, manual_dir=root))
+              for root in (first, second, first)]
+    assert counts == [5, 10, 5]

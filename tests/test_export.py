@@ -389,6 +389,10 @@ def test_export_dir_layout_and_assets(exported):
     assert os.path.basename(exported) == "1"
     assert sorted(os.listdir(export_dir)) == ["1"]  # no temporary directory left behind
     assert os.path.isfile(os.path.join(exported, "saved_model.pb"))
+    umask = os.umask(0)
+    os.umask(umask)
+    # Readable by a server running as another user, as the umask allows.
+    assert os.stat(exported).st_mode & 0o777 == 0o777 & ~umask
     assert os.path.isfile(os.path.join(exported, "variables", "variables.index"))
     assert export.load_class_names(export_dir) == list(CLASS_NAMES)
     with open(os.path.join(exported, "assets.extra", "export_info.json")) as f:
@@ -457,6 +461,8 @@ def test_read_image_headers_reject_truncated_and_unknown():
     cases += [png[:cut] for cut in (8, 20, 32)]
     cases += [png[:12] + b"IDAT" + png[16:]]  # the first chunk must be IHDR
     cases += [jpeg[:2] + b"\xff\xda" + jpeg[4:]]  # a scan before any frame header
+    # Legal fill bytes, but more markers than any real header has: the walk stops.
+    cases += [jpeg[:2] + b"\xff" * (export.JPEG_MAX_MARKERS + 5) + jpeg[2:]]
     formats, heights, widths = (t.numpy() for t in export.read_image_headers(
         tf.constant(cases)))
     assert (heights == -1).all() and (widths == -1).all()

@@ -443,14 +443,16 @@ def test_batch_of_two_equals_two_batches_of_one():
 
 
 def test_unknown_shapes_inside_tf_function():
-    """The way export uses it: any batch and image size, the output size as a tensor."""
+    """The way export uses it: any batch and image size, the output size as a tensor,
+    and AutoGraph off (as in a Keras ExportArchive endpoint)."""
     rng = np.random.default_rng(11)
     embeddings, logits = random_inputs(rng, batch=2, h=6, w=5, d=4, num_taus=4, num_classes=2)
     config = inference.InferenceConfig(num_seeds=8)
     fn = tf.function(
         lambda e, l: inference.predict_instances(e, l, tf.shape(e)[1:3] * 3, config),
         input_signature=[tf.TensorSpec([None, None, None, 4], tf.float32),
-                         tf.TensorSpec([None, None, None, 4, 3], tf.float32)])
+                         tf.TensorSpec([None, None, None, 4, 3], tf.float32)],
+        autograph=False)
     got = to_numpy(fn(embeddings, logits))
     want = to_numpy(inference.predict_instances(embeddings, logits, (18, 15), config))
     assert fn.get_concrete_function().structured_outputs["detection_masks"].shape.as_list() == [

@@ -271,6 +271,21 @@ def test_sample_points_is_deterministic_for_a_seed():
     np.testing.assert_array_equal(first["point_instance_ids"], other["point_instance_ids"])
 
 
+def test_per_image_seeds_make_sampling_independent_of_batch_split():
+    labels, valid = _sampling_fixture()
+    seeds = tf.constant([[7, 0], [7, 1], [7, 2]], tf.int64)
+    whole = losses.sample_points(labels, valid, 5, seeds)
+    for b in range(3):
+        alone = losses.sample_points(labels[b:b + 1], valid[b:b + 1], 5, seeds[b:b + 1])
+        for key in ("point_indices", "point_instance_ids", "point_weights"):
+            np.testing.assert_array_equal(whole[key].numpy()[b], alone[key].numpy()[0])
+    # A different seed for one image changes that image's points only.
+    moved = losses.sample_points(labels, valid, 5, tf.constant([[7, 0], [7, 9], [7, 2]],
+                                                               tf.int64))
+    np.testing.assert_array_equal(whole["point_indices"][0], moved["point_indices"][0])
+    assert np.any(whole["point_indices"].numpy()[1] != moved["point_indices"].numpy()[1])
+
+
 def test_sample_points_is_uniform_within_an_instance():
     # 400 copies of one image: instance 1 has 12 pixels, K = 4 per draw.
     labels = np.full((400, 4, 5), -1, np.int32)

@@ -17,15 +17,25 @@ CONFIG = ss.SyntheticShapesConfig(name="unit_128", image_size=128, num_train=250
 CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
 
 
-@pytest.fixture(scope="module")
-def scenes():
-    """(shapes, image, instances, classes) of 250 generated 128x128 examples."""
+def _scenes(style):
     out = []
     for index in range(CONFIG.num_train):
         rng = ss.example_rng(CONFIG.seed, "train", index)
         shapes = ss.sample_scene(rng, CONFIG.image_size, CONFIG.max_instances)
-        out.append((shapes, *ss.render_scene(rng, shapes, CONFIG.image_size)))
+        out.append((shapes, *ss.render_scene(rng, shapes, CONFIG.image_size, style)))
     return out
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    """(shapes, image, instances, classes) of 250 generated 128x128 default examples."""
+    return _scenes(ss.DEFAULT_STYLE)
+
+
+@pytest.fixture(scope="module")
+def hard_scenes():
+    """The same scenes in the 'hard' style."""
+    return _scenes(ss.HARD_STYLE)
 
 
 def _adjacent_ids(instances):
@@ -119,7 +129,9 @@ def test_occlusion_disconnected_and_touching_instances_are_common(scenes):
     assert adjacent / n > 0.6
 
 
-def test_colour_separates_neither_classes_nor_instances(scenes):
+@pytest.mark.parametrize("style, low_contrast", [("default", 75), ("hard", 40)])
+def test_colour_separates_neither_classes_nor_instances(style, low_contrast, request):
+    scenes = request.getfixturevalue("scenes" if style == "default" else "hard_scenes")
     colours, classes, contrasts = [], [], []
     similar_neighbours = 0
     for _, image, instances, inst_classes in scenes:
@@ -145,17 +157,20 @@ def test_colour_separates_neither_classes_nor_instances(scenes):
     chance = np.bincount(classes[half:]).max() / (len(classes) - half)
     assert np.mean(predicted == classes[half:]) < chance + 0.05
     # Low-contrast (camouflaged) instances exist, and so do touching look-alikes.
-    assert np.mean(np.array(contrasts) < 40) > 0.08
+    assert np.mean(np.array(contrasts) < low_contrast) > 0.08
     assert similar_neighbours / len(scenes) > 0.1
 
 
-def test_backgrounds_are_textured(scenes):
-    # Pixel noise alone has std <= 12; textures add structure at larger scales.
+@pytest.mark.parametrize("style, min_std", [("default", 4), ("hard", 8)])
+def test_backgrounds_are_textured(style, min_std, request):
+    scenes = request.getfixturevalue("scenes" if style == "default" else "hard_scenes")
+    # Pixel noise is averaged away by the 5x5 filter; textures add structure at larger
+    # scales.
     smooth_std = []
     for _, image, instances, _ in scenes[:50]:
         smooth = scipy.ndimage.uniform_filter(image.astype(np.float64), size=(5, 5, 1))
         smooth_std.append(smooth[instances == 0].std(axis=0).mean())
-    assert np.median(smooth_std) > 8
+    assert np.median(smooth_std) > min_std
 
 
 def test_waves_on_grid_matches_pointwise_sum():

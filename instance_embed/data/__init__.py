@@ -4,12 +4,13 @@
                                   manual_dir="../shared/datasets/PennFudanPed")
 
 `load` prepares a dataset on first use (offline for every dataset given a manual
-dir) under `data_dir`, then reads the prepared copy; delete that copy, or use
-another config name, to prepare again from changed sources.
+dir) under `data_dir` (a copy per source directory, see `prepared_dir_for_source`),
+then reads the prepared copy; delete that copy to prepare again from changed sources.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import TYPE_CHECKING, Union
 
@@ -78,6 +79,22 @@ def builder(name: str, data_dir: str | os.PathLike | None = None,
     return cls(data_dir=os.fspath(data_dir or DEFAULT_DATA_DIR), config=config)
 
 
+def prepared_dir_for_source(data_dir: str | os.PathLike,
+                            manual_dir: str | os.PathLike) -> str:
+    """The TFDS data_dir of a dataset prepared from the files in `manual_dir`.
+
+    TFDS keys a prepared copy by dataset, config and version only; two source folders
+    (say the dev copy of Penn-Fudan and another pedestrian collection in its layout)
+    would share one copy, and the second would silently read the first. Each source
+    directory therefore gets its own data_dir: `<data_dir>/sources/<folder>-<hash>`,
+    the hash being of its absolute path.
+    """
+    source = os.path.abspath(os.fspath(manual_dir))
+    digest = hashlib.sha1(source.encode("utf-8")).hexdigest()[:10]
+    folder = os.path.basename(source.rstrip(os.sep)) or "root"
+    return os.path.join(os.fspath(data_dir), "sources", f"{folder}-{digest}")
+
+
 def load(name: str, split: str, data_dir: str | os.PathLike | None = None,
          manual_dir: str | os.PathLike | None = None,
          config: ConfigArg = None) -> tf.data.Dataset:
@@ -102,6 +119,9 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None,
         ValueError: unknown dataset or config name; bad source files (naming them).
         FileNotFoundError: a missing manual dir or file (naming it).
     """
+    data_dir = os.fspath(data_dir or DEFAULT_DATA_DIR)
+    if manual_dir:
+        data_dir = prepared_dir_for_source(data_dir, manual_dir)
     dataset_builder = builder(name, data_dir=data_dir, config=config)
     download_config = tfds.download.DownloadConfig(
         manual_dir=os.fspath(manual_dir) if manual_dir else None)

@@ -32,15 +32,48 @@ SPLITS = ("train", "validation", "test")
 # painted over an earlier shape).
 _PLACEMENT_PROBS = (0.35, 0.35, 0.30)
 _FREE, _TOUCH, _OCCLUDE = 0, 1, 2
-# Colour of an instance: uniformly random, copied from an earlier instance, or close
-# to the background under it.
-_COLOUR_PROBS = (0.6, 0.25, 0.15)
 _RANDOM_COLOUR, _COPIED_COLOUR, _CAMOUFLAGE = 0, 1, 2
 # A shape left with fewer visible pixels than this fraction of its in-image area (or
 # than `_MIN_PIXELS_AT_128` scaled to the image area) is removed from the scene.
 _MIN_VISIBLE_FRACTION = 0.1
 _MIN_PIXELS_AT_128 = 20
 _MAX_ATTEMPTS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+    """How hard the appearance is: textures, noise and colour confusions.
+
+    Ranges are (low, high) of uniform draws, per image or per instance.
+
+    Attributes:
+        colour_probs: probabilities that an instance's colour is uniformly random,
+            copied from an earlier instance (plus a little noise), or camouflaged:
+            close to the background under it.
+        camouflage_contrast: RGB distance of a camouflaged colour from the mean
+            background under the instance.
+        background_texture: amplitude of the background's plane-wave texture.
+        instance_texture: largest amplitude of an instance's luminance texture.
+        instance_tint: largest amplitude of an instance's chromatic texture.
+        noise: standard deviation of the per-pixel sensor noise.
+    """
+
+    colour_probs: tuple[float, float, float] = (0.6, 0.25, 0.15)
+    camouflage_contrast: tuple[float, float] = (15.0, 35.0)
+    background_texture: tuple[float, float] = (8.0, 35.0)
+    instance_texture: float = 30.0
+    instance_tint: float = 12.0
+    noise: tuple[float, float] = (3.0, 12.0)
+
+
+# Hard enough that colour never settles class or instance, easy enough that the light
+# backbone learns it from scratch on a CPU in minutes (the demo): camouflaged instances
+# stay visible, textures are milder.
+DEFAULT_STYLE = Style(colour_probs=(0.7, 0.2, 0.1), camouflage_contrast=(40.0, 70.0),
+                      background_texture=(4.0, 15.0), instance_texture=15.0,
+                      instance_tint=8.0, noise=(2.0, 8.0))
+# Camouflage down to the texture's level, strong textures: a stress test.
+HARD_STYLE = Style()
 
 
 @dataclasses.dataclass(eq=False)
@@ -54,6 +87,7 @@ class SyntheticShapesConfig(tfds.core.BuilderConfig):
         num_test: examples in `test`.
         max_instances: most shapes drawn in one image (at least 1 is always kept).
         seed: base seed; the same seed always gives the same dataset.
+        style: appearance (see `Style`).
     """
 
     image_size: int = 128
@@ -62,6 +96,7 @@ class SyntheticShapesConfig(tfds.core.BuilderConfig):
     num_test: int = 200
     max_instances: int = 10
     seed: int = 0
+    style: Style = DEFAULT_STYLE
 
     def __post_init__(self):
         if self.image_size < 32:
@@ -273,7 +308,8 @@ class _Waves:
         return out.reshape(size, size, channels)
 
 
-def render_scene(rng: np.random.Generator, shapes: list[Shape], size: int
+def render_scene(rng: np.random.Generator, shapes: list[Shape], size: int,
+                 style: Style = DEFAULT_STYLE
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Paints a scene on a textured background and adds sensor noise.
 
@@ -281,6 +317,7 @@ def render_scene(rng: np.random.Generator, shapes: list[Shape], size: int
         rng: the example's generator.
         shapes: shapes in painting order, as from `sample_scene`.
         size: image height and width.
+        style: textures, noise and colour confusions.
 
     Returns:
         image: uint8 [size, size, 3].
@@ -289,17 +326,17 @@ def render_scene(rng: np.random.Generator, shapes: list[Shape], size: int
     """
     base = rng.uniform(30, 225, 3)
     texture = _Waves.sample(rng, size, 8, (0.5, 12.0), 3).on_grid(size)
-    background = base + texture * rng.uniform(8, 35)
+    background = base + texture * rng.uniform(*style.background_texture)
     canvas = background.copy()
     colours: list[np.ndarray] = []
     for shape in shapes:
-        kind = int(rng.choice(3, p=_COLOUR_PROBS))
+        kind = int(rng.choice(3, p=style.colour_probs))
         if kind == _COPIED_COLOUR and colours:
             colour = colours[int(rng.integers(len(colours)))] + rng.normal(0, 8, 3)
         elif kind == _CAMOUFLAGE:
             # Close to the background underneath, yet no closer than the noise level.
             offset = rng.normal(size=3)
-            offset *= rng.uniform(15, 35) / np.linalg.norm(offset)
+            offset *= rng.uniform(*style.camouflage_contrast) / np.linalg.norm(offset)
             colour = background[shape.ys, shape.xs].mean(axis=0) + offset
         else:
             colour = rng.uniform(0, 255, 3)
@@ -307,10 +344,10 @@ def render_scene(rng: np.random.Generator, shapes: list[Shape], size: int
         # A luminance texture plus a weaker chromatic one, class-independent.
         pattern = _Waves.sample(rng, size, 4, (1.0, 20.0), 1).at(shape.ys, shape.xs)
         tint = _Waves.sample(rng, size, 3, (0.5, 6.0), 3).at(shape.ys, shape.xs)
-        canvas[shape.ys, shape.xs] = (colour + pattern * rng.uniform(0, 30)
-                                      + tint * rng.uniform(0, 12))
-    noisy = canvas + rng.uniform(3, 12) * rng.standard_normal(canvas.shape,
-                                                                 dtype=np.float32)
+        canvas[shape.ys, shape.xs] = (colour + pattern * rng.uniform(0, style.instance_texture)
+                                      + tint * rng.uniform(0, style.instance_tint))
+    noisy = canvas + rng.uniform(*style.noise) * rng.standard_normal(canvas.shape,
+                                                                      dtype=np.float32)
     image = np.clip(np.round(noisy), 0, 255).astype(np.uint8)
     instances = _visible_labels(shapes, size)
     classes = np.array([s.class_id for s in shapes], np.int32)
@@ -326,7 +363,7 @@ def generate_example(config: SyntheticShapesConfig, split: str, index: int) -> d
     """Example `index` of `split` under `config`, as a contract feature dict."""
     rng = example_rng(config.seed, split, index)
     shapes = sample_scene(rng, config.image_size, config.max_instances)
-    image, instances, classes = render_scene(rng, shapes, config.image_size)
+    image, instances, classes = render_scene(rng, shapes, config.image_size, config.style)
     return features_lib.make_example(image, instances, classes,
                                      f"{split}_{index:06d}")
 
@@ -334,8 +371,10 @@ def generate_example(config: SyntheticShapesConfig, split: str, index: int) -> d
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
     """Synthetic shapes (disk, ring, bar) with touching and occluding instances."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "Milder default style (visible camouflage, weaker textures); "
+                               "the 1.0.0 style is the 'hard' config."}
     CLASS_NAMES = CLASS_NAMES
     BUILDER_CONFIGS = [
         SyntheticShapesConfig(
@@ -347,6 +386,11 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
         SyntheticShapesConfig(
             name="tiny", description="64x64, 32/8/8: smoke tests.",
             image_size=64, num_train=32, num_validation=8, num_test=8),
+        SyntheticShapesConfig(
+            name="hard", description="128x128, 2000/200/200, camouflage down to the "
+            "texture level and strong textures: a stress test.",
+            image_size=128, num_train=2000, num_validation=200, num_test=200,
+            style=HARD_STYLE),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "default"
 

@@ -197,11 +197,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict of every field (tuples become lists)."""
-        return {
-            f.name: list(v) if isinstance(v, tuple) else v
-            for f in dataclasses.fields(self)
-            for v in [getattr(self, f.name)]
-        }
+        values = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            values[field.name] = list(value) if isinstance(value, tuple) else value
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":

@@ -3,8 +3,8 @@
 Design goals: learn in minutes on 2 CPU cores, yet see whole objects (an instance may
 span the image, and the embedding of every pixel must agree with the rest of its
 object). The network is a small ResNet encoder down to stride 16 whose last stage uses
-dilated convolutions (receptive field well beyond 256 pixels) plus an image-level
-context vector, followed by a light FPN-style decoder back to stride 8 (or 4):
+dilated convolutions (receptive field about 500 pixels) plus an image-level context
+vector, followed by a light FPN-style decoder back to stride 8 (or 4):
 
 | stage | stride | layers | channels |
 | --- | --- | --- | --- |
@@ -14,7 +14,9 @@ context vector, followed by a light FPN-style decoder back to stride 8 (or 4):
 | stage3 | 16 | 3 residual blocks, dilations 1, 2, 4, + global context | 128 |
 | decoder | 8 (4) | upsample, concat skip, 1x1 + 3x3 conv | 128 (64) |
 
-About 1.4M parameters and 0.85 GMAC per 256x256 image at output stride 8. Residual
+About 1.4M parameters and 0.72 GMAC (multiply-adds) per 256x256 image at output
+stride 8 (0.92 GMAC at stride 4; the heads then cost more than the backbone, so
+consider `head_channels=64`). Residual
 blocks end in a BatchNorm whose scale starts at zero, so each block starts as the
 identity, which makes training from scratch fast and stable.
 """

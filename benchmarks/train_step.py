@@ -1,0 +1,121 @@
+"""Training-step speed, peak memory and the share of the step spent in the two losses.
+
+  .venv/bin/python benchmarks/train_step.py                 # light@256 and resnet50@512
+  .venv/bin/python benchmarks/train_step.py --cases=light:256:8
+
+For each case (backbone, image size, batch) a fresh subprocess times `--steps` training
+steps (after `--warmup` compiled ones) of the full step (model, embedding and
+classification losses, gradients, Adam) and of the same step with the losses replaced by
+a trivial one (the mean of the outputs), so the difference is what the paper's losses
+cost. Peak memory is the subprocess' maximum resident set size. Inputs are random
+images with random rectangles as instances (M = 32 slots, 12 used), K = 10 points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CHILD_FLAG = "--child"
+
+
+def _child(backbone: str, size: int, batch: int, steps: int, warmup: int) -> dict:
+    import resource
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from instance_embed import losses
+    from instance_embed.model import ModelConfig
+    from instance_embed.model import build_model
+
+    rng = np.random.default_rng(0)
+    max_instances, used = 32, 12
+    instances = np.zeros((batch, size, size), np.int32)
+    for b in range(batch):
+        for i in range(1, used + 1):
+            y, x = rng.integers(0, size - size // 6, 2)
+            instances[b, y:y + size // 6, x:x + size // 6] = i
+    batch_data = {
+        "image": tf.constant(rng.uniform(0, 255, (batch, size, size, 3)), tf.float32),
+        "instances": tf.constant(instances),
+        "instance_classes": tf.constant(np.ones((batch, max_instances), np.int32)),
+        "instance_valid": tf.constant(np.arange(max_instances)[None].repeat(batch, 0) < used),
+    }
+    model = build_model(ModelConfig(backbone=backbone, num_classes=20))
+    loss_fn = losses.InstanceLoss(losses.LossConfig(cls_warmup_steps=0, cls_ramp_steps=0))
+    optimizer = keras.optimizers.Adam(1e-4)
+    optimizer.build(model.trainable_variables)
+
+    def make_step(with_losses: bool):
+        @tf.function
+        def step(i):
+            with tf.GradientTape() as tape:
+                outputs = model(batch_data["image"], training=True)
+                if with_losses:
+                    total = loss_fn(outputs, batch_data, step=i,
+                                    seed=tf.stack([tf.constant(0, tf.int64), i]))["total"]
+                else:
+                    total = (tf.reduce_mean(outputs["embeddings"])
+                             + tf.reduce_mean(outputs["class_logits"]))
+            grads = tape.gradient(total, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return total
+        return step
+
+    timings = {}
+    for name, with_losses in (("full", True), ("no_losses", False)):
+        step = make_step(with_losses)
+        for i in range(warmup):
+            step(tf.constant(i, tf.int64)).numpy()
+        start = time.perf_counter()
+        for i in range(steps):
+            step(tf.constant(i, tf.int64)).numpy()
+        timings[name] = (time.perf_counter() - start) / steps
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"backbone": backbone, "size": size, "batch": batch,
+            "step_s": timings["full"], "no_loss_step_s": timings["no_losses"],
+            "images_per_s": batch / timings["full"], "peak_mb": peak_mb,
+            "loss_share": max(0.0, 1 - timings["no_losses"] / timings["full"])}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default="light:256:8,resnet50:512:2",
+                        help="comma-separated backbone:image_size:batch")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(CHILD_FLAG, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        backbone, size, batch = args.child.split(":")
+        print(json.dumps(_child(backbone, int(size), int(batch), args.steps, args.warmup)))
+        return
+
+    rows = []
+    for case in args.cases.split(","):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        out = subprocess.run(
+            [sys.executable, __file__, CHILD_FLAG, case, "--steps", str(args.steps),
+             "--warmup", str(args.warmup)], capture_output=True, text=True, env=env)
+        if out.returncode:
+            print(f"{case}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    header = ("backbone", "image", "batch", "step (s)", "images/s", "peak RSS (MB)",
+              "losses' share")
+    print(" | ".join(header))
+    print(" | ".join("---" for _ in header))
+    for r in rows:
+        print(f"{r['backbone']} | {r['size']}x{r['size']} | {r['batch']} | "
+              f"{r['step_s']:.3f} | {r['images_per_s']:.2f} | {r['peak_mb']:.0f} | "
+              f"{100 * r['loss_share']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
