@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from instance_embed import export
 
@@ -42,6 +43,9 @@ flags.mark_flag_as_required("model_dir")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS["verbosity"].present:
+        # Saving logs long INFO lines about captured variables: not for users.
+        logging.set_verbosity(logging.WARNING)
     try:
         config = export.ExportConfig(
             version=FLAGS.version, overwrite=FLAGS.overwrite, num_seeds=FLAGS.num_seeds,

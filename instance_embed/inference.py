@@ -256,11 +256,15 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
     """Instance masks, classes and scores for a batch, at the input image's resolution.
 
     Seeds, classes, scores and masks are computed at the heads' resolution as in the
-    paper. Masks reach `image_size` by bilinearly resizing each seed's signed margin map
-    (`mask_margins`) and thresholding at 0, rather than resizing the embeddings: this
-    needs no distance computation at full resolution, and a full-resolution pixel whose
-    surrounding heads-resolution pixels agree on a mask gets that answer (a bilinear
-    mix of same-sign margins keeps the sign), so masks only change near their boundary.
+    paper. Masks reach `image_size` by bilinearly resizing each seed's heads-resolution
+    0/1 mask and thresholding at 0.5, rather than resizing the embeddings: this needs no
+    distance computation at full resolution, a full-resolution pixel whose surrounding
+    heads-resolution pixels agree on a mask gets that answer, and the boundary falls
+    half-way between the centres of an inside and an outside heads pixel, i.e. on the
+    edge of the stride cell, as the labels were sampled for training. (Resizing the
+    signed margins instead shrinks every mask: the margin inside is at most
+    log(2 / tau - 1) while outside it falls to minus the squared distance between
+    instances, so the zero crossing sits next to the inside pixel.)
     Seeds are resized one at a time, so no float [K, H, W] tensor is made; the output
     masks are bool (26 MB per image for K = 100 at 512 x 512).
 
@@ -339,9 +343,10 @@ def _full_resolution_masks(margins: tf.Tensor, keep: tf.Tensor, size
                            ) -> tuple[tf.Tensor, tf.Tensor]:
     """Masks at `size = (H, W)` from heads-resolution margins, and the instance map.
 
-    Each margin map is resized bilinearly (`tf.image.resize`'s grid: half-pixel centres,
-    edges clamped) and thresholded at 0. Every output is a combination of two inputs per
-    axis with non-negative weights, so it keeps the sign of same-sign inputs exactly.
+    Each seed's 0/1 mask (margin >= 0) is resized bilinearly (`tf.image.resize`'s grid:
+    half-pixel centres, edges clamped) and thresholded at 0.5. Every output is a convex
+    combination of two inputs per axis, so where the inputs agree it keeps their value
+    exactly.
     Rows are interpolated by gathering, columns by a matmul with the [W, w]
     interpolation matrix. One seed at a time, last to first, in a loop: the float
     intermediate stays [batch, H, W], and the instance map is the mask index written
@@ -369,11 +374,11 @@ def _full_resolution_masks(margins: tf.Tensor, keep: tf.Tensor, size
     instance_map = tf.zeros(tf.stack([shape[0], size[0], size[1]]), tf.int32)
 
     def step(k, masks, instance_map):
-        seed_margins = tf.gather(margins, k, axis=1)  # [B, h, w]
-        rows = ((1.0 - row_frac) * tf.gather(seed_margins, row_low, axis=1)
-                + row_frac * tf.gather(seed_margins, row_high, axis=1))  # [B, H, w]
+        seed_mask = tf.cast(tf.gather(margins, k, axis=1) >= 0, tf.float32)  # [B, h, w]
+        rows = ((1.0 - row_frac) * tf.gather(seed_mask, row_low, axis=1)
+                + row_frac * tf.gather(seed_mask, row_high, axis=1))  # [B, H, w]
         full = tf.matmul(tf.reshape(rows, [-1, shape[3]]), columns, transpose_b=True)
-        mask = tf.logical_and(tf.reshape(full, tf.shape(instance_map)) >= 0,
+        mask = tf.logical_and(tf.reshape(full, tf.shape(instance_map)) >= 0.5,
                               tf.gather(keep, k, axis=1)[:, None, None])
         return k - 1, masks.write(k, mask), tf.where(mask, k + 1, instance_map)
 

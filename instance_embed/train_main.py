@@ -11,7 +11,6 @@ Started again with the same flags, a run resumes from the last checkpoint in
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 from absl import app

@@ -125,6 +125,7 @@ def test_registry_lists_builtins_and_unknown_name_lists_them():
 
 
 def test_register_custom_backbone_and_reject_duplicates(monkeypatch):
+    available_backbones()  # registers the built-ins in the real registry first
     monkeypatch.setattr(backbones_lib, "_REGISTRY", dict(backbones_lib._REGISTRY))
 
     @register_backbone("tiny_test", output_strides=(8,))
@@ -142,6 +143,7 @@ def test_register_custom_backbone_and_reject_duplicates(monkeypatch):
 
 
 def test_builder_rejects_backbone_with_wrong_name(monkeypatch):
+    available_backbones()  # registers the built-ins in the real registry first
     monkeypatch.setattr(backbones_lib, "_REGISTRY", dict(backbones_lib._REGISTRY))
 
     @register_backbone("misnamed_test", output_strides=(8,))

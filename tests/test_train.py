@@ -1,6 +1,5 @@
 """Training loop: checkpoints, TensorBoard tags, resume, NaN handling, distribution."""
 
-import dataclasses
 import glob
 import json
 import os

@@ -14,11 +14,6 @@ from instance_embed.model.backbones import (
 from instance_embed.model.builder import build_model
 from instance_embed.model.config import ModelConfig, feature_size
 
-# Importing the built-in backbones registers them.
-from instance_embed.model import light  # noqa: F401  pylint: disable=unused-import
-from instance_embed.model import resnet  # noqa: F401  pylint: disable=unused-import
-from instance_embed.model import vgg  # noqa: F401  pylint: disable=unused-import
-
 __all__ = [
     "BackboneSpec",
     "ModelConfig",

@@ -87,7 +87,7 @@ class ModelConfig:
     taus: Tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
     pyramid_scales: Tuple[float, ...] = (1.0,)
     mixed_precision: Optional[str] = None
-    head_channels: int = 128
+    head_channels: int = 64
     head_depth: int = 2
     coord_channels: Optional[bool] = None
     batchnorm_momentum: float = 0.9

@@ -106,7 +106,9 @@ def light_backbone(
       ValueError: for another output stride.
     """
     if output_stride not in _DECODER_CHANNELS:
-        raise ValueError(f"output_stride must be 4 or 8 for the light backbone, got {output_stride}.")
+        raise ValueError(
+            f"output_stride must be 4 or 8 for the light backbone, got {output_stride}."
+        )
     image = keras.Input(shape=(None, None, 3), name="image")
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale", dtype="float32")(image)
     m = batchnorm_momentum

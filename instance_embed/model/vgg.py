@@ -89,12 +89,15 @@ def deeplab_vgg16(output_stride: int = 8, name: str = "backbone") -> keras.Model
                 name=f"block{block}_conv{conv}",
             )(x)
         if stride < output_stride:
-            x = keras.layers.MaxPooling2D(2, strides=2, padding="same", name=f"block{block}_pool")(x)
+            pool_size, pool_stride = 2, 2
             stride *= 2
         else:
             # Keep the resolution; the following layers see through dilation instead.
-            x = keras.layers.MaxPooling2D(3, strides=1, padding="same", name=f"block{block}_pool")(x)
+            pool_size, pool_stride = 3, 1
             dilation *= 2
+        x = keras.layers.MaxPooling2D(
+            pool_size, strides=pool_stride, padding="same", name=f"block{block}_pool"
+        )(x)
     x = keras.layers.Conv2D(
         _FC_CHANNELS,
         3,

@@ -18,7 +18,7 @@ Two file layouts are understood:
 """
 
 import os
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import h5py
 import keras
@@ -159,7 +159,7 @@ def resolve_weights(
     model: keras.Model,
     backbone_weights: str,
     required: Iterable[str],
-    reference_factory: Optional[callable] = None,
+    reference_factory: Optional[Callable[[str], keras.Model]] = None,
 ) -> List[str]:
     """Loads `backbone_weights` (a file path) into `model` by layer name.
 
