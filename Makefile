@@ -23,8 +23,23 @@ venv:
 		echo "$(VENV) is incomplete: reinstalling"; rm -f $(STAMP); fi
 	@$(MAKE) --no-print-directory $(STAMP)
 
+# The demo is the README's own commands, in order: prepare the synthetic dataset and
+# write a few test images, train, evaluate on the test split, export, predict.
 demo: venv
-	$(PY) -m instance_embed.demo --data_dir=$(DATA_DIR) --model_dir=$(DEMO_DIR)
+	@start=$$(date +%s); set -e; \
+	$(PY) -m instance_embed.dataset_main --dataset=synthetic_shapes --data_dir=$(DATA_DIR) \
+	    --split=test --write_images=4 --output_dir=$(DEMO_DIR)/test_images; \
+	$(PY) -m instance_embed.train_main --flagfile=experiments/shapes_demo.flags \
+	    --data_dir=$(DATA_DIR) --model_dir=$(DEMO_DIR); \
+	$(PY) -m instance_embed.eval_main --model_dir=$(DEMO_DIR) --split=test; \
+	$(PY) -m instance_embed.export_main --model_dir=$(DEMO_DIR) --export_dir=$(DEMO_DIR)/export; \
+	$(PY) -m instance_embed.predict_main --saved_model=$(DEMO_DIR)/export \
+	    --input='$(DEMO_DIR)/test_images/*.png' --output=$(DEMO_DIR)/predictions; \
+	echo; echo "Demo finished in $$(( $$(date +%s) - start )) s."; \
+	echo "  metrics and plots:  $(DEMO_DIR)/eval_test/ (metrics.json, plots/)"; \
+	echo "  SavedModel:         $(DEMO_DIR)/export/"; \
+	echo "  overlays:           $(DEMO_DIR)/predictions/*_overlay.png"; \
+	echo "  TensorBoard:        .venv/bin/tensorboard --logdir $(DEMO_DIR)"
 
 test: venv
 	$(PY) -m pytest -q
@@ -36,6 +51,7 @@ test-all: venv
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: venv
+	$(PY) -m pip install --quiet -e ".[bench]"
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean-venv:

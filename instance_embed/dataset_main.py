@@ -8,8 +8,8 @@ r"""Prepares a dataset, prints a summary of it, and optionally writes images to 
 
 The summary gives, per split, the number of images and instances, instances per image
 and per class, and image sizes. `--write_images=N` writes the first N images of
-`--split` as PNG (with their ground truth in colour beside them as `<id>_gt.png`), e.g.
-as inputs for `predict_main`.
+`--split` as PNG (and their ground truth in colour to `ground_truth/<id>.png`), e.g. as
+inputs for `predict_main`.
 """
 
 from __future__ import annotations
@@ -87,12 +87,13 @@ def main(argv):
               + f"); sizes {sizes}{' ...' if len(stats['sizes']) > 3 else ''}")
 
     if FLAGS.write_images:
-        os.makedirs(FLAGS.output_dir, exist_ok=True)
+        truth_dir = os.path.join(FLAGS.output_dir, "ground_truth")
+        os.makedirs(truth_dir, exist_ok=True)
         for example in load(FLAGS.split).take(FLAGS.write_images).as_numpy_iterator():
             stem = example["image_id"].decode()
             Image.fromarray(example["image"]).save(os.path.join(FLAGS.output_dir, f"{stem}.png"))
             Image.fromarray(visualize.colorize_instances(example["instances"])).save(
-                os.path.join(FLAGS.output_dir, f"{stem}_gt.png"))
+                os.path.join(truth_dir, f"{stem}.png"))
         print(f"Wrote {FLAGS.write_images} images of {FLAGS.split!r} to {FLAGS.output_dir}")
 
 

@@ -210,8 +210,8 @@ def train(config: configs.ExperimentConfig, model_dir: str,
         step_counter=step)
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        logging.info("Resumed from %s at step %d", manager.latest_checkpoint, int(step))
-    start_step = int(step)
+        logging.info("Resumed from %s at step %d", manager.latest_checkpoint, int(step.numpy()))
+    start_step = int(step.numpy())
     if start_step >= tc.train_steps:
         logging.info("Already at step %d >= train_steps=%d: nothing to train.",
                      start_step, tc.train_steps)
@@ -268,9 +268,9 @@ def train(config: configs.ExperimentConfig, model_dir: str,
 
     end_step = tc.train_steps if stop_after_steps is None else min(
         tc.train_steps, start_step + stop_after_steps)
-    while int(step) < end_step:
+    while int(step.numpy()) < end_step:
         values = train_step(iterator)
-        current = int(step)
+        current = int(step.numpy())
         last = {k: float(v) for k, v in values.items()}
         if not all(math.isfinite(v) for v in last.values()):
             raise TrainingDivergedError(
@@ -305,20 +305,20 @@ def train(config: configs.ExperimentConfig, model_dir: str,
         if tc.eval_every and current % tc.eval_every == 0 and current < tc.train_steps:
             metrics = _evaluate(model, config, eval_writer, current, write_dir, chief)
 
-    if manager.latest_checkpoint is None or int(step) > _checkpoint_step(manager):
-        manager.save(checkpoint_number=int(step))
-    if int(step) < tc.train_steps:
-        logging.info("Stopped at step %d of %d; run again to resume.", int(step),
+    if manager.latest_checkpoint is None or int(step.numpy()) > _checkpoint_step(manager):
+        manager.save(checkpoint_number=int(step.numpy()))
+    if int(step.numpy()) < tc.train_steps:
+        logging.info("Stopped at step %d of %d; run again to resume.", int(step.numpy()),
                      tc.train_steps)
-        return {"step": int(step), "losses": last, "metrics": metrics}
+        return {"step": int(step.numpy()), "losses": last, "metrics": metrics}
     if tc.eval_at_end and chief and not (
-            metrics and metrics.get("step") == int(step)):
-        metrics = _evaluate(model, config, eval_writer, int(step), write_dir, chief)
+            metrics and metrics.get("step") == int(step.numpy())):
+        metrics = _evaluate(model, config, eval_writer, int(step.numpy()), write_dir, chief)
     train_writer.flush()
     eval_writer.flush()
-    logging.info("Training finished at step %d in %s.", int(step),
+    logging.info("Training finished at step %d in %s.", int(step.numpy()),
                  _format_eta(time.perf_counter() - run_start))
-    return {"step": int(step), "losses": last, "metrics": metrics}
+    return {"step": int(step.numpy()), "losses": last, "metrics": metrics}
 
 
 def _checkpoint_step(manager: tf.train.CheckpointManager) -> int:

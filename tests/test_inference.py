@@ -342,7 +342,7 @@ def test_suppression_of_partially_overlapping_masks_matches_numpy():
 def test_predict_instances_instance_map_is_the_best_covering_mask():
     rng = np.random.default_rng(6)
     embeddings, logits = random_inputs(rng, batch=2, h=8, w=8, d=3)
-    embeddings *= 0.5
+    embeddings *= 1.0
     config = inference.InferenceConfig(num_seeds=12, score_threshold=0.95)
     out = to_numpy(inference.predict_instances(embeddings, logits, (20, 28), config))
     masks, scores, counts = out["detection_masks"], out["detection_scores"], out["num_detections"]
@@ -474,3 +474,25 @@ def test_predict_instances_rejects_bad_arguments():
         inference.predict_instances(embeddings, logits[..., :1], (8, 8))
     with pytest.raises(TypeError, match="embeddings"):
         inference.predict_instances(embeddings.astype(np.int32), logits, (8, 8))
+
+
+def test_full_resolution_masks_follow_the_stride_cells():
+    # One instance of 4x4 heads pixels, far from the background in embedding space: at
+    # stride 4 its full-resolution mask is the 16x16 block of those cells (the labels
+    # were sampled at cell centres), not a block shrunk towards the cell centres.
+    labels = np.zeros((8, 8), int)
+    labels[2:6, 3:7] = 1
+    embeddings = np.zeros((1, 8, 8, 2), np.float32)
+    embeddings[0, labels == 1, 1] = 3.0
+    embeddings[0, labels == 0, 0] = 3.0
+    logits = np.zeros((1, 8, 8, 1, 2), np.float32)
+    logits[0, labels == 1, 0, 1] = 10.0
+    for tau in (0.25, 0.5, 0.9):
+        config = inference.InferenceConfig(num_seeds=1, taus=(tau,))
+        out = to_numpy(inference.predict_instances(embeddings, logits, (32, 32), config))
+        mask = out["detection_masks"][0, 0]
+        block = np.kron(labels, np.ones((4, 4), int)).astype(bool)
+        iou = (mask & block).sum() / (mask | block).sum()
+        assert iou > 0.97, (tau, iou)
+        # Only the block's corner pixels may differ.
+        assert (mask != block).sum() <= 4

@@ -10,7 +10,6 @@ inside the grown masks (see experiments/RESULTS.md for the measured ablation).
 
 import keras
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from instance_embed import data

@@ -14,6 +14,7 @@ from PIL import Image
 
 from instance_embed import checkpoints
 from instance_embed import configs
+from instance_embed import data as datasets
 from instance_embed import inference
 from instance_embed import losses
 from instance_embed import train_lib
@@ -221,3 +222,49 @@ def test_mirrored_first_step_equals_default(folder_dataset, tmp_path):
     mirrored = _first_step_losses("mirrored", data_dir, manual, str(tmp_path / "mirrored"))
     for key in ("total", "embedding", "classification"):
         assert mirrored[key] == pytest.approx(default[key], rel=1e-4, abs=1e-5), key
+
+
+_WORKER_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import test_train
+    from instance_embed import train_lib
+    config = test_train._config({data!r}, {manual!r}, train_steps=3,
+                                strategy="multi_worker_mirrored", summary_every=100)
+    result = train_lib.train(config, {model_dir!r})
+    print("RESULT" + json.dumps(result["losses"]))
+""")
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multi_worker_mirrored_two_local_workers(folder_dataset, tmp_path):
+    data_dir, manual = folder_dataset
+    # Workers must not prepare a dataset concurrently: prepare it first, as the README says.
+    datasets.load("instance_folder", "train", data_dir=data_dir, manual_dir=manual)
+    model_dir = str(tmp_path / "multi")
+    workers = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
+    script = _WORKER_SCRIPT.format(tests=os.path.join(REPO, "tests"), data=data_dir,
+                                   manual=manual, model_dir=model_dir)
+    processes = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(tf_config))
+        processes.append(subprocess.Popen([sys.executable, "-c", script], env=env, cwd=REPO,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+    outputs = [p.communicate(timeout=600) for p in processes]
+    errors = [err[-2000:] for p, (_, err) in zip(processes, outputs) if p.returncode]
+    assert not errors, "\n-----\n".join(errors)
+    losses_by_worker = [json.loads([l for l in out.splitlines() if l.startswith("RESULT")][-1][6:])
+                        for out, _ in outputs]
+    # Both workers report the same all-reduced losses; the chief wrote the run.
+    assert losses_by_worker[0] == pytest.approx(losses_by_worker[1])
+    assert checkpoints.latest_checkpoint(model_dir).endswith("ckpt-3")
+    assert os.path.exists(os.path.join(model_dir, "config.json"))

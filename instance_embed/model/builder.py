@@ -114,8 +114,21 @@ def build_model(config: ModelConfig) -> keras.Model:
             config.head_depth,
             momentum,
         )
-        return keras.Model(
+        model = keras.Model(
             image,
             {"embeddings": embeddings, "class_logits": class_logits},
             name=f"instance_embed_{config.backbone}",
         )
+    if config.sync_batchnorm:
+        # Set after construction so every backbone builder gets it without a parameter.
+        for layer in _all_layers(model):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.synchronized = True
+    return model
+
+
+def _all_layers(model: keras.Model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)

@@ -74,6 +74,10 @@ class ModelConfig:
         model creates (PyTorch's 0.1 is 0.9 here). Keras' default, 0.99, lags behind the
         weights in short CPU runs of a few hundred steps with a high learning rate, so
         that inference-mode outputs differ from training-mode ones.
+      sync_batchnorm: Under a `tf.distribute` strategy, BatchNorm layers in training
+        normalise with the statistics of the global batch (all-reduced across replicas),
+        so a step on N replicas computes what one device would on the whole batch
+        (DeepLab's practice; the batch per replica is small for segmentation).
       freeze_backbone_batchnorm: Run the backbone's BatchNorm layers in inference mode
         with frozen statistics (the usual choice when fine-tuning a pretrained backbone
         with small batches, as DeepLab does). None: frozen iff `backbone_weights` is set.
@@ -92,6 +96,7 @@ class ModelConfig:
     coord_channels: Optional[bool] = None
     batchnorm_momentum: float = 0.9
     freeze_backbone_batchnorm: Optional[bool] = None
+    sync_batchnorm: bool = True
 
     def __post_init__(self):
         # Flags and JSON give lists; the frozen dataclass stores tuples.

@@ -1,0 +1,97 @@
+"""The command-line programs: eval_main (checkpoint vs SavedModel), dataset_main, flags."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from instance_embed import export
+from instance_embed import train_lib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_train  # noqa: E402  (shares the tiny dataset and config)
+
+REPO = test_train.REPO
+
+
+def _run(*args, expect_ok=True):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                         cwd=REPO, env=env, timeout=600)
+    if expect_ok:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mains")
+    manual = test_train._write_folder_dataset(str(root / "raw"), count=10)
+    data_dir, model_dir = str(root / "tfds"), str(root / "run")
+    train_lib.train(test_train._config(data_dir, manual, train_steps=20, summary_every=100,
+                                       checkpoint_every=100), model_dir)
+    return data_dir, manual, model_dir
+
+
+def test_eval_main_checkpoint_and_saved_model_agree(trained_run, tmp_path):
+    data_dir, manual, model_dir = trained_run
+    export_dir = export.export_from_model_dir(model_dir, str(tmp_path / "export"))
+    common = ["--dataset=instance_folder", f"--data_dir={data_dir}", f"--manual_dir={manual}",
+              "--split=validation"]
+    _run("instance_embed.eval_main", f"--model_dir={model_dir}",
+         f"--output_dir={tmp_path / 'ckpt_eval'}", *common)
+    _run("instance_embed.eval_main", f"--saved_model={export_dir}",
+         f"--output_dir={tmp_path / 'saved_eval'}", *common)
+    from_ckpt = json.load(open(tmp_path / "ckpt_eval" / "metrics.json"))
+    from_saved = json.load(open(tmp_path / "saved_eval" / "metrics.json"))
+    assert from_ckpt["num_images"] == 2 and from_ckpt["num_instances"] > 0
+    assert from_ckpt == from_saved
+    assert os.listdir(tmp_path / "ckpt_eval" / "plots")
+
+
+def test_eval_main_overrides_inference_settings(trained_run, tmp_path):
+    data_dir, manual, model_dir = trained_run
+    out = _run("instance_embed.eval_main", f"--model_dir={model_dir}", "--num_seeds=1",
+               f"--output_dir={tmp_path}", "--split=validation")
+    assert "AP^r" in out.stdout
+    # One seed per image: at most one detection, so recall cannot grow with proposals.
+    metrics = json.load(open(tmp_path / "metrics.json"))
+    assert metrics["AR@0.5@10"] == metrics["AR@0.5@1000"]
+
+
+def test_eval_main_refuses_bad_arguments(trained_run, tmp_path):
+    _, _, model_dir = trained_run
+    out = _run("instance_embed.eval_main", expect_ok=False)
+    assert out.returncode != 0 and "exactly one of --model_dir and --saved_model" in out.stderr
+    out = _run("instance_embed.eval_main", f"--model_dir={tmp_path / 'missing'}",
+               expect_ok=False)
+    assert out.returncode != 0 and "config.json" in out.stderr
+    out = _run("instance_embed.eval_main", f"--model_dir={model_dir}", "--dataset=nope",
+               expect_ok=False)
+    assert out.returncode != 0 and "--dataset='nope'" in out.stderr
+
+
+def test_dataset_main_summarizes_and_writes_images(trained_run, tmp_path):
+    data_dir, manual, _ = trained_run
+    out = _run("instance_embed.dataset_main", "--dataset=instance_folder",
+               f"--data_dir={data_dir}", f"--manual_dir={manual}", "--split=validation",
+               "--write_images=2", f"--output_dir={tmp_path}")
+    assert "train: 8 images" in out.stdout and "validation: 2 images" in out.stdout
+    assert sorted(os.listdir(tmp_path)) == ["ground_truth", "img4.png", "img9.png"]
+    assert sorted(os.listdir(tmp_path / "ground_truth")) == ["img4.png", "img9.png"]
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--dataset=nope", "--dataset='nope': unknown dataset"),
+    ("--backbone=nope", "--backbone='nope': unknown backbone"),
+    ("--train_steps=-1", "--train_steps=-1: must be >= 0"),
+    ("--pyramid_scales=1.0,0", "--pyramid_scales="),
+    ("--image_size=100", "--image_size=100: must be a positive multiple of 32"),
+])
+def test_train_main_refuses_bad_flags_at_start(flag, message, tmp_path):
+    out = _run("instance_embed.train_main", f"--model_dir={tmp_path}", flag, expect_ok=False)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert not os.path.exists(tmp_path / "config.json")
