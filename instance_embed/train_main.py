@@ -87,6 +87,10 @@ flags.DEFINE_float("cls_weight_max", _LOSS.cls_weight_max, "Final lambda (paper:
 # Inference.
 flags.DEFINE_integer("num_seeds", _INFER.num_seeds, "Seeds (detections) per image.")
 flags.DEFINE_float("alpha", _INFER.alpha, "Seed diversity weight (paper: 0.3).")
+flags.DEFINE_float("nms_iou_threshold", None, "Suppress a mask whose IoU with a "
+                   "higher-scored one exceeds this (off, as in the paper, when unset).")
+flags.DEFINE_float("score_threshold", _INFER.score_threshold,
+                   "Drop detections scoring below this (0 keeps all, as in the paper).")
 # Optimisation.
 flags.DEFINE_integer("batch_size", _TRAIN.batch_size, "Global batch size.")
 flags.DEFINE_integer("train_steps", _TRAIN.train_steps, "Total training steps.")
@@ -184,8 +188,9 @@ def config_from_flags() -> configs.ExperimentConfig:
             cls_iou_threshold=FLAGS.cls_iou_threshold,
             cls_warmup_steps=FLAGS.cls_warmup_steps, cls_ramp_steps=FLAGS.cls_ramp_steps,
             cls_weight_max=FLAGS.cls_weight_max, taus=taus),
-        inference=inference.InferenceConfig(num_seeds=FLAGS.num_seeds, alpha=FLAGS.alpha,
-                                            taus=taus),
+        inference=inference.InferenceConfig(
+            num_seeds=FLAGS.num_seeds, alpha=FLAGS.alpha, taus=taus,
+            nms_iou_threshold=FLAGS.nms_iou_threshold, score_threshold=FLAGS.score_threshold),
         train=configs.TrainConfig(
             batch_size=FLAGS.batch_size, train_steps=FLAGS.train_steps,
             learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
