@@ -103,7 +103,7 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return dict(base=self.base.get_config(), factor=self.factor)
 
 
-def _make_optimizer(schedule, train_config: configs.TrainConfig, mixed_precision: str | None):
+def _make_optimizer(schedule, train_config: configs.TrainConfig, loss_scaled: bool = False):
     kwargs = dict(learning_rate=schedule)
     if train_config.gradient_clip_norm > 0:
         kwargs["global_clipnorm"] = train_config.gradient_clip_norm
@@ -111,8 +111,7 @@ def _make_optimizer(schedule, train_config: configs.TrainConfig, mixed_precision
         optimizer = keras.optimizers.AdamW(weight_decay=train_config.weight_decay, **kwargs)
     else:
         optimizer = keras.optimizers.Adam(**kwargs)
-    if mixed_precision == "mixed_float16":
-        # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+    if loss_scaled:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
@@ -191,10 +190,12 @@ def train(config: configs.ExperimentConfig, model_dir: str,
         model = build_model(config.model)
         schedule = WarmupCosineSchedule(tc.learning_rate, tc.warmup_steps, tc.train_steps,
                                         tc.final_lr_fraction, tc.decay)
-        head_optimizer = _make_optimizer(schedule, tc, config.model.mixed_precision)
+        # float16 gradients underflow without loss scaling (bfloat16 has float32's
+        # range). One dynamic scale serves both optimizers: the head optimizer's.
+        scaled = config.model.mixed_precision == "mixed_float16"
+        head_optimizer = _make_optimizer(schedule, tc, loss_scaled=scaled)
         backbone_optimizer = _make_optimizer(
-            ScaledSchedule(schedule, tc.backbone_lr_multiplier), tc,
-            config.model.mixed_precision)
+            ScaledSchedule(schedule, tc.backbone_lr_multiplier), tc)
         backbone_vars, head_vars = split_variables(model)
         train_backbone = tc.backbone_lr_multiplier > 0 and bool(backbone_vars)
         head_optimizer.build(head_vars)
@@ -220,7 +221,6 @@ def train(config: configs.ExperimentConfig, model_dir: str,
     dataset = _distributed_dataset(config, strategy, per_replica_batch,
                                    seed=tc.seed + 1000003 * start_step)
     iterator = iter(dataset)
-    scaled = config.model.mixed_precision == "mixed_float16"
 
     def replica_step(batch):
         # One sampling seed per image, from its position in the global batch: a mirrored
@@ -244,9 +244,19 @@ def train(config: configs.ExperimentConfig, model_dir: str,
                 replica_loss = head_optimizer.scale_loss(replica_loss)
         variables = head_vars + (backbone_vars if train_backbone else [])
         grads = tape.gradient(replica_loss, variables)
-        head_optimizer.apply_gradients(zip(grads[:len(head_vars)], head_vars))
+        head_grads, backbone_grads = grads[:len(head_vars)], grads[len(head_vars):]
+        if scaled and train_backbone:
+            # The head optimizer unscales its gradients and skips steps whose gradients
+            # are not finite, shrinking the scale; the backbone's follow the same scale,
+            # and a non-finite backbone gradient makes the head optimizer skip too.
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+            scale = tf.cast(head_optimizer.dynamic_scale, tf.float32)
+            backbone_grads = [tf.where(finite, g / scale, tf.zeros_like(g))
+                              for g in backbone_grads]
+            head_grads = [tf.where(finite, g, np.inf) for g in head_grads]
+        head_optimizer.apply_gradients(zip(head_grads, head_vars))
         if train_backbone:
-            backbone_optimizer.apply_gradients(zip(grads[len(head_vars):], backbone_vars))
+            backbone_optimizer.apply_gradients(zip(backbone_grads, backbone_vars))
         return {k: v for k, v in loss_values.items() if v.shape.rank == 0}
 
     @tf.function

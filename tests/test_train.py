@@ -1,5 +1,6 @@
 """Training loop: checkpoints, TensorBoard tags, resume, NaN handling, distribution."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -268,3 +270,20 @@ def test_multi_worker_mirrored_two_local_workers(folder_dataset, tmp_path):
     assert losses_by_worker[0] == pytest.approx(losses_by_worker[1])
     assert checkpoints.latest_checkpoint(model_dir).endswith("ckpt-3")
     assert os.path.exists(os.path.join(model_dir, "config.json"))
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_trains(policy, folder_dataset, tmp_path):
+    data_dir, manual = folder_dataset
+    config = _config(data_dir, manual, train_steps=3, summary_every=100)
+    config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, mixed_precision=policy))
+    before = keras.mixed_precision.dtype_policy().name
+    result = train_lib.train(config, str(tmp_path / policy))
+    assert result["step"] == 3
+    assert all(np.isfinite(v) for v in result["losses"].values())
+    # Building the model must not leave the global policy changed.
+    assert keras.mixed_precision.dtype_policy().name == before
+    reader = tf.train.load_checkpoint(checkpoints.latest_checkpoint(str(tmp_path / policy)))
+    scales = [k for k in reader.get_variable_to_shape_map() if "dynamic_scale" in k]
+    assert bool(scales) == (policy == "mixed_float16")
