@@ -4,7 +4,7 @@ import os
 
 import setuptools
 
-MAIN_PROGRAMS = ("train_main", "eval_main", "export_main", "predict_main")
+MAIN_PROGRAMS = ("train_main", "eval_main", "export_main", "predict_main", "dataset_main")
 
 setuptools.setup(
     name="instance_embed",
