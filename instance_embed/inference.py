@@ -93,7 +93,8 @@ def seediness(class_probs: tf.Tensor) -> tf.Tensor:
 
 
 def select_seeds(embeddings: tf.Tensor, seediness: tf.Tensor, num_seeds: int,
-                 alpha: float | tf.Tensor) -> tf.Tensor:
+                 alpha: float | tf.Tensor, valid_pixels: tf.Tensor | None = None
+                 ) -> tf.Tensor:
     """Greedy diverse seeds: `p_t = argmax_{p unchosen} log S_p + alpha log D(p)` (paper 3.3).
 
     The first seed is the argmax of S. `D(p)` is the squared embedding distance from p
@@ -106,7 +107,9 @@ def select_seeds(embeddings: tf.Tensor, seediness: tf.Tensor, num_seeds: int,
     unchosen index is taken, so seeds never repeat while unchosen pixels remain. When
     `num_seeds > height * width`, the seeds after the last pixel are -1 ("no seed"): the
     output shape stays `[batch, num_seeds]` whatever the image size, and the other
-    functions of this module treat -1 as an empty, invalid seed.
+    functions of this module treat -1 as an empty, invalid seed. `valid_pixels` limits
+    the candidates (e.g. to the heads pixels that see the image rather than its
+    padding); the seeds after the last valid pixel are -1 in the same way.
 
     Distances are `|e_p|^2 + |e_q|^2 - 2 e_p . e_q` (a matrix-vector product per step,
     several times faster than differences, most of all under XLA) on embeddings
@@ -118,6 +121,8 @@ def select_seeds(embeddings: tf.Tensor, seediness: tf.Tensor, num_seeds: int,
       seediness: float [batch, height, width], values in [0, 1].
       num_seeds: K, a positive Python int (static, so output shapes are static).
       alpha: diversity weight >= 0 (float or scalar tensor).
+      valid_pixels: optional bool [batch, height, width], the pixels that may be seeds
+        (None: all).
 
     Returns:
       int32 [batch, num_seeds]: flattened indices `row * width + col`, or -1.
@@ -146,9 +151,19 @@ def select_seeds(embeddings: tf.Tensor, seediness: tf.Tensor, num_seeds: int,
         seed = tf.gather(seed_rows, tf.maximum(index, 0), batch_dims=1)
         return tf.maximum(tf.linalg.matvec(rows, seed), 0.0)
 
-    first = _first_argmax(log_seediness, tf.ones_like(log_seediness, tf.bool))
+    if valid_pixels is None:
+        allowed = tf.ones_like(log_seediness, tf.bool)
+    else:
+        valid_pixels = tf.convert_to_tensor(valid_pixels)
+        if valid_pixels.dtype != tf.bool:
+            raise TypeError(f"valid_pixels must be a bool tensor, got {valid_pixels.dtype.name}")
+        _check_rank(valid_pixels, "valid_pixels", 3)
+        _check_same_spatial(seediness, "seediness", valid_pixels, "valid_pixels")
+        allowed = tf.reshape(valid_pixels, tf.shape(log_seediness))
+    first = _first_argmax(log_seediness, allowed)
     seeds = tf.where(seed_slots == 0, first[:, None], -1)
-    chosen = pixel_ids == first[:, None]
+    # Pixels that may not be seeds count as chosen from the start.
+    chosen = tf.logical_or(pixel_ids == first[:, None], tf.logical_not(allowed))
     min_dist = distances_to(first)
 
     def step(t, seeds, chosen, min_dist):
@@ -252,7 +267,8 @@ def seed_classes_and_scores(class_probs: tf.Tensor, seed_indices: tf.Tensor
 
 def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
                       image_size: Sequence[int] | tf.Tensor,
-                      config: InferenceConfig | None = None) -> dict[str, tf.Tensor]:
+                      config: InferenceConfig | None = None,
+                      valid_pixels: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
     """Instance masks, classes and scores for a batch, at the input image's resolution.
 
     Seeds, classes, scores and masks are computed at the heads' resolution as in the
@@ -269,9 +285,10 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
     masks are bool (26 MB per image for K = 100 at 512 x 512).
 
     Detections below `config.score_threshold`, suppressed as near-duplicates, or coming
-    from a missing seed (-1, when K > h * w) are invalid: they are sorted after the
-    valid ones, their masks are empty, their class, score and tau are 0 and their seed
-    index is -1. Valid detections are sorted by descending score (ties keep seed order).
+    from a missing seed (-1, when K exceeds the pixels that may seed) are invalid: they
+    are sorted after the valid ones, their masks are empty, their class, score and tau
+    are 0 and their seed index is -1. Valid detections are sorted by descending score
+    (ties keep seed order).
 
     Args:
       embeddings: float [batch, h, w, dim].
@@ -279,6 +296,8 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
         here (contract 5 works on class_probs = softmax(class_logits)).
       image_size: (H, W), Python ints or an int tensor [2].
       config: an `InferenceConfig`; the paper's defaults when None.
+      valid_pixels: optional bool [batch, h, w], the heads pixels that may seed a
+        detection (see `select_seeds`); None: all.
 
     Returns:
       A dict of
@@ -306,7 +325,8 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
     num_seeds = config.num_seeds
 
     class_probs = tf.nn.softmax(class_logits, axis=-1)
-    seeds = select_seeds(embeddings, seediness(class_probs), num_seeds, config.alpha)
+    seeds = select_seeds(embeddings, seediness(class_probs), num_seeds, config.alpha,
+                         valid_pixels)
     tau_index, classes, scores = seed_classes_and_scores(class_probs, seeds)
     taus = tf.gather(tf.constant(config.taus, tf.float32), tau_index)
     candidate = tf.logical_and(seeds >= 0, scores >= config.score_threshold)

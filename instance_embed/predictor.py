@@ -3,9 +3,11 @@
 `predict_images(model, images, config)` takes a batch of RGB images of any size, pads
 them at the bottom and right to a multiple of 32 (the model's largest stride), runs the
 network and `inference.predict_instances`, and crops every full-resolution output back
-to the input size. Heads-resolution pixels that lie wholly in the padding are made
-unable to seed (their classification is forced to background), so no detection comes
-from outside the image. `make_predict_fn` wraps it in a `tf.function`.
+to the input size. Heads-resolution pixels that lie wholly in the padding cannot seed
+(`inference.predict_instances`' `valid_pixels`; their classification is also forced to
+background), so no detection comes from outside the image: an image with fewer heads
+pixels than `num_seeds` (a 1 x 1 image has one) gets invalid detections for the rest.
+`make_predict_fn` wraps it in a `tf.function`.
 
 The same computation serves evaluation (`eval_lib`), training summaries, the
 SavedModel's signatures (`export.py`) and `predict_main` (through the SavedModel).
@@ -32,6 +34,23 @@ def pad_images(images: tf.Tensor, multiple: int = PAD_MULTIPLE) -> tf.Tensor:
                            [0, 0]])
 
 
+def pixels_inside_image(heads_size: tf.Tensor, image_size: tf.Tensor,
+                        padded_size: tf.Tensor) -> tf.Tensor:
+    """bool `[h, w]`: the heads pixels that see some of the image, not only padding.
+
+    Args:
+      heads_size: int32 `[2]`, (h, w) of the heads for the padded input.
+      image_size: int32 `[2]`, the unpadded (H, W).
+      padded_size: int32 `[2]`, (Hp, Wp).
+    """
+    # A heads pixel covers input rows [i * stride, (i + 1) * stride): it sees the image
+    # when i * stride < H.
+    stride = padded_size // heads_size
+    rows = tf.range(heads_size[0]) * stride[0] < image_size[0]
+    cols = tf.range(heads_size[1]) * stride[1] < image_size[1]
+    return tf.logical_and(rows[:, None], cols[None, :])
+
+
 def mask_padding_logits(class_logits: tf.Tensor, image_size: tf.Tensor,
                         padded_size: tf.Tensor) -> tf.Tensor:
     """Makes heads pixels that only cover padding predict background with certainty.
@@ -44,13 +63,8 @@ def mask_padding_logits(class_logits: tf.Tensor, image_size: tf.Tensor,
     Returns:
       `[B, h, w, T, C + 1]`.
     """
-    heads_size = tf.shape(class_logits)[1:3]
-    # A heads pixel covers input rows [i * stride, (i + 1) * stride): it sees the image
-    # when i * stride < H.
-    stride = padded_size // heads_size
-    rows = tf.range(heads_size[0]) * stride[0] < image_size[0]
-    cols = tf.range(heads_size[1]) * stride[1] < image_size[1]
-    inside = tf.logical_and(rows[:, None], cols[None, :])[None, :, :, None, None]
+    inside = pixels_inside_image(tf.shape(class_logits)[1:3], image_size, padded_size)
+    inside = inside[None, :, :, None, None]
     num_classes = tf.shape(class_logits)[-1]
     background = tf.one_hot(0, num_classes, on_value=_PADDING_LOGIT,
                             off_value=-_PADDING_LOGIT, dtype=class_logits.dtype)
@@ -102,7 +116,11 @@ def predict_images(model, images: tf.Tensor,
     logits = mask_padding_logits(tf.cast(outputs["class_logits"], tf.float32),
                                  image_size, padded_size)
     embeddings = tf.cast(outputs["embeddings"], tf.float32)
-    detections = inference.predict_instances(embeddings, logits, padded_size, config)
+    shape = tf.shape(embeddings)
+    inside = pixels_inside_image(shape[1:3], image_size, padded_size)
+    valid_pixels = tf.broadcast_to(inside[None], shape[:3])
+    detections = inference.predict_instances(embeddings, logits, padded_size, config,
+                                             valid_pixels)
     detections["detection_masks"] = detections["detection_masks"][
         :, :, :image_size[0], :image_size[1]]
     detections["instance_map"] = detections["instance_map"][

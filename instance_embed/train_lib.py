@@ -42,6 +42,13 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
 
 
+class IncompatibleConfigError(ValueError):
+    """A setting that cannot work with the strategy found at start-up; nothing has run.
+
+    The message starts with the offending field, `name=value: why`.
+    """
+
+
 def make_strategy(name: str, tpu: str | None = None) -> tf.distribute.Strategy:
     """Returns the `tf.distribute` strategy called `name` (see `configs.STRATEGIES`)."""
     if name == "default":
@@ -127,7 +134,7 @@ def split_variables(model: keras.Model):
 def _validate_replicas(config: configs.ExperimentConfig, strategy) -> int:
     replicas = strategy.num_replicas_in_sync
     if config.train.batch_size % replicas:
-        raise ValueError(
+        raise IncompatibleConfigError(
             f"batch_size={config.train.batch_size}: must be divisible by the number of "
             f"replicas ({replicas}) of strategy {config.train.strategy!r}")
     return config.train.batch_size // replicas

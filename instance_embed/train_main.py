@@ -215,10 +215,25 @@ def main(argv):
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
 
+    from instance_embed import data as datasets
     from instance_embed import train_lib
+
+    # Prepare (and so validate) the dataset before anything is trained or written: a bad
+    # source file is reported by name, without a traceback.
+    dataset = config.dataset
+    try:
+        for split in (dataset.train_split, dataset.eval_split):
+            datasets.load(dataset.name, split, data_dir=dataset.data_dir,
+                          manual_dir=dataset.manual_dir, config=dataset.builder_config)
+    except (FileNotFoundError, ValueError) as e:
+        logging.error("Cannot read dataset %r: %s", dataset.name, e)
+        sys.exit(2)
 
     try:
         result = train_lib.train(config, FLAGS.model_dir)
+    except train_lib.IncompatibleConfigError as e:
+        # Found once the strategy exists, before anything is written: a flag problem.
+        raise app.UsageError(f"--{e}") from None
     except train_lib.TrainingDivergedError as e:
         logging.error("%s", e)
         sys.exit(3)

@@ -130,7 +130,9 @@ def _load_sbd_instances(mat_path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]
                               struct_as_record=False)["GTinst"]
         segmentation = np.asarray(gt.Segmentation, dtype=np.int64)
         categories = np.atleast_1d(np.asarray(gt.Categories, dtype=np.int64)).ravel()
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+    except (OSError, ValueError, KeyError, AttributeError, TypeError, IndexError,
+            # Empty or truncated files; MATLAB v7.3 (HDF5) files, which scipy cannot read.
+            scipy.io.matlab.MatReadError, NotImplementedError) as e:
         raise ValueError(f"Cannot read SBD instance file {mat_path} (expects a "
                          f"GTinst struct with Segmentation and Categories): {e}") from e
     if segmentation.ndim != 2:
