@@ -95,3 +95,14 @@ def test_train_main_refuses_bad_flags_at_start(flag, message, tmp_path):
     assert out.returncode != 0
     assert message in out.stderr
     assert not os.path.exists(tmp_path / "config.json")
+
+
+def test_train_main_reports_a_broken_dataset_file_before_training(tmp_path):
+    manual = test_train._write_folder_dataset(str(tmp_path / "raw"), count=5)
+    os.remove(os.path.join(manual, "masks", "img3.png"))
+    out = _run("instance_embed.train_main", f"--model_dir={tmp_path / 'run'}",
+               "--dataset=instance_folder", f"--data_dir={tmp_path / 'tfds'}",
+               f"--manual_dir={manual}", "--image_size=64", expect_ok=False)
+    assert out.returncode == 2
+    assert "img3" in out.stderr and "Traceback" not in out.stderr
+    assert not os.path.exists(tmp_path / "run" / "ckpt")
