@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.instance_embed-installed
 DATA_DIR ?= data
 DEMO_DIR ?= runs/demo
+# Extra train_main flags for the demo, e.g. `make demo DEMO_ARGS=--train_steps=100`.
+DEMO_ARGS ?=
 
 .PHONY: venv demo test test-slow test-all bench clean-venv
 
@@ -30,7 +32,7 @@ demo: venv
 	$(PY) -m instance_embed.dataset_main --dataset=synthetic_shapes --data_dir=$(DATA_DIR) \
 	    --split=test --write_images=4 --output_dir=$(DEMO_DIR)/test_images; \
 	$(PY) -m instance_embed.train_main --flagfile=experiments/shapes_demo.flags \
-	    --data_dir=$(DATA_DIR) --model_dir=$(DEMO_DIR); \
+	    --data_dir=$(DATA_DIR) --model_dir=$(DEMO_DIR) $(DEMO_ARGS); \
 	$(PY) -m instance_embed.eval_main --model_dir=$(DEMO_DIR) --split=test; \
 	$(PY) -m instance_embed.export_main --model_dir=$(DEMO_DIR) --export_dir=$(DEMO_DIR)/export; \
 	$(PY) -m instance_embed.predict_main --saved_model=$(DEMO_DIR)/export \
