@@ -118,8 +118,7 @@ def main(argv):
     eval_lib.evaluate(lambda images: predict_fn(tf.cast(images, tf.uint8)), examples,
                       class_names, max_examples=FLAGS.max_examples, evaluator=evaluator)
     output_dir = FLAGS.output_dir or os.path.join(source, f"eval_{split}")
-    result = eval_lib.write_outputs(evaluator, output_dir)
-    print(evaluation.format_table(result))
+    eval_lib.write_outputs(evaluator, output_dir)  # Also logs the table.
     print(f"Wrote {os.path.join(output_dir, evaluation.METRICS_FILENAME)} and "
           f"{os.path.join(output_dir, 'plots')}/")
 

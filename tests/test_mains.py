@@ -55,7 +55,7 @@ def test_eval_main_overrides_inference_settings(trained_run, tmp_path):
     data_dir, manual, model_dir = trained_run
     out = _run("instance_embed.eval_main", f"--model_dir={model_dir}", "--num_seeds=1",
                f"--output_dir={tmp_path}", "--split=validation")
-    assert "AP^r" in out.stdout
+    assert "AP^r" in out.stdout + out.stderr
     # One seed per image: at most one detection, so recall cannot grow with proposals.
     metrics = json.load(open(tmp_path / "metrics.json"))
     assert metrics["AR@0.5@10"] == metrics["AR@0.5@1000"]
