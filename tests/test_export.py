@@ -72,14 +72,14 @@ def jpeg_with_size(data: bytes, width, height) -> bytes:
 # A tiny run directory, exported once.
 
 
-def make_run_dir(path):
+def make_run_dir(path, num_seeds=NUM_SEEDS, seed=0):
     """A run directory with config.json and one checkpoint of a random tiny model."""
     model_config = ModelConfig(backbone="light", embedding_dim=8, num_classes=3,
                                head_channels=16, head_depth=1)
     config = configs.ExperimentConfig(
-        model=model_config, inference=inference.InferenceConfig(num_seeds=NUM_SEEDS))
+        model=model_config, inference=inference.InferenceConfig(num_seeds=num_seeds))
     model = build_model(model_config)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for variable in model.weights:
         # Zero-initialised BatchNorm scales would make every residual block the identity.
         if variable.path.endswith("gamma"):

@@ -20,11 +20,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from instance_embed import configs
 from instance_embed import export
-from instance_embed import inference
 from instance_embed import predict_main
-from instance_embed.model import ModelConfig, build_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_export  # noqa: E402  (shares the tiny run directory)
 
 NUM_SEEDS = 8
 CLASS_NAMES = ("disk", "ring", "bar")
@@ -44,17 +44,9 @@ def encode(array, fmt):
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    model_config = ModelConfig(backbone="light", embedding_dim=8, num_classes=3,
-                               head_channels=16, head_depth=1)
-    config = configs.ExperimentConfig(
-        model=model_config, inference=inference.InferenceConfig(num_seeds=NUM_SEEDS))
-    model = build_model(model_config)
-    rng = np.random.default_rng(1)
-    for variable in model.weights:
-        if variable.path.endswith("gamma"):  # zero-initialised: blocks start as identity
-            variable.assign(rng.uniform(0.5, 1.5, variable.shape).astype(np.float32))
+    run_dir = test_export.make_run_dir(tmp_path_factory.mktemp("run"), NUM_SEEDS, seed=1)
     path = tmp_path_factory.mktemp("export")
-    export.export_saved_model(model, config, str(path))
+    export.export_from_model_dir(str(run_dir), str(path))
     return path
 
 

@@ -171,14 +171,7 @@ def test_sigkill_while_checkpointing_resumes_from_last_complete_checkpoint(
 
     # Nothing was lost: every batch of this tiny dataset is the whole training split,
     # so the weights equal those of an uninterrupted run.
-    straight = str(tmp_path / "straight")
-    train_lib.train(test_train._config(data_dir, manual, train_steps=TRAIN_STEPS,
-                                       checkpoint_every=1, summary_every=1000,
-                                       max_checkpoints=2), straight)
-    killed_model, _, _ = checkpoints.restore_model(model_dir)
-    straight_model, _, _ = checkpoints.restore_model(straight)
-    for a, b in zip(killed_model.weights, straight_model.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+    _assert_same_as_straight_run(model_dir, data_dir, manual, TRAIN_STEPS, tmp_path)
 
 
 def _wait_for_new_checkpoint(process, ckpt_dir, after_step, timeout=240):
@@ -219,14 +212,7 @@ def test_sigkill_at_random_moments_loses_nothing(folder_dataset, tmp_path):
         kills += 1
         registered = _registered_step(ckpt_dir)
     assert kills >= 3 and _registered_step(ckpt_dir) == steps
-    straight = str(tmp_path / "straight")
-    train_lib.train(test_train._config(data_dir, manual, train_steps=steps,
-                                       checkpoint_every=1, summary_every=1000,
-                                       max_checkpoints=2), straight)
-    killed_model, _, _ = checkpoints.restore_model(model_dir)
-    straight_model, _, _ = checkpoints.restore_model(straight)
-    for a, b in zip(killed_model.weights, straight_model.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+    _assert_same_as_straight_run(model_dir, data_dir, manual, steps, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -321,3 +307,15 @@ def test_train_main_refuses_a_batch_that_does_not_split_over_replicas(tmp_path):
     assert "Traceback" not in out.stderr
     assert not os.path.exists(model_dir / "config.json")
     assert not os.path.exists(model_dir / "ckpt")
+
+
+def _assert_same_as_straight_run(model_dir, data_dir, manual, steps, tmp_path):
+    """The killed-and-resumed run ends with the weights of an uninterrupted one."""
+    straight = str(tmp_path / "straight")
+    train_lib.train(test_train._config(data_dir, manual, train_steps=steps,
+                                       checkpoint_every=1, summary_every=1000,
+                                       max_checkpoints=2), straight)
+    killed_model, _, _ = checkpoints.restore_model(model_dir)
+    straight_model, _, _ = checkpoints.restore_model(straight)
+    for a, b in zip(killed_model.weights, straight_model.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
