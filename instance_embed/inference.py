@@ -32,6 +32,9 @@ from typing import Sequence
 import tensorflow as tf
 
 PAPER_TAUS = (0.25, 0.5, 0.75, 0.9)
+# Greedy seed-selection steps per while-loop iteration (see `select_seeds`).
+_SEED_STEPS_PER_LOOP = 10
+_LOWEST = -3.4028234663852886e38  # the lowest finite float32
 
 
 @dataclasses.dataclass
@@ -136,21 +139,7 @@ def select_seeds(embeddings: tf.Tensor, seediness: tf.Tensor, num_seeds: int,
     _check_same_spatial(embeddings, "embeddings", seediness, "seediness")
 
     points = _centred_points(embeddings)  # [B, N, d]
-    norms = tf.reduce_sum(tf.square(points), axis=-1, keepdims=True)  # [B, N, 1]
-    ones = tf.ones_like(norms)
-    # Rows a_p = [e_p, |e_p|^2, 1] and b_q = [-2 e_q, 1, |e_q|^2] give a_p . b_q =
-    # ||e_p - e_q||^2: one gather and one matvec per step, few ops for the loop.
-    rows = tf.concat([points, norms, ones], axis=-1)
-    seed_rows = tf.concat([-2.0 * points, ones, norms], axis=-1)
-    num_pixels = tf.shape(points)[1]
-    log_seediness = tf.math.log(tf.reshape(seediness, tf.shape(norms)[:2]))
-    pixel_ids = tf.range(num_pixels)
-    seed_slots = tf.range(num_seeds)
-
-    def distances_to(index):  # [B] -> [B, N]
-        seed = tf.gather(seed_rows, tf.maximum(index, 0), batch_dims=1)
-        return tf.maximum(tf.linalg.matvec(rows, seed), 0.0)
-
+    log_seediness = tf.math.log(tf.reshape(seediness, tf.shape(points)[:2]))  # [B, N]
     if valid_pixels is None:
         allowed = tf.ones_like(log_seediness, tf.bool)
     else:
@@ -160,24 +149,78 @@ def select_seeds(embeddings: tf.Tensor, seediness: tf.Tensor, num_seeds: int,
         _check_rank(valid_pixels, "valid_pixels", 3)
         _check_same_spatial(seediness, "seediness", valid_pixels, "valid_pixels")
         allowed = tf.reshape(valid_pixels, tf.shape(log_seediness))
-    first = _first_argmax(log_seediness, allowed)
-    seeds = tf.where(seed_slots == 0, first[:, None], -1)
+    # One image at a time: a 2-D matmul per step is several times faster on CPU than
+    # the batched one (BatchMatMul), and serving batches are small.
+    return tf.map_fn(
+        lambda image: _greedy_seeds(*image, num_seeds=num_seeds, alpha=alpha),
+        (points, log_seediness, allowed),
+        fn_output_signature=tf.TensorSpec([num_seeds], tf.int32))
+
+
+def _greedy_seeds(points: tf.Tensor, log_seediness: tf.Tensor, allowed: tf.Tensor,
+                  num_seeds: int, alpha: tf.Tensor) -> tf.Tensor:
+    """`select_seeds` of one image: `points [N, d]`, `log_seediness [N]`, `allowed [N]`.
+
+    Returns int32 [num_seeds].
+    """
+    norms = tf.reduce_sum(tf.square(points), axis=-1, keepdims=True)  # [N, 1]
+    ones = tf.ones_like(norms)
+    # Columns a_p = [e_p, |e_p|^2, 1] and rows b_q = [-2 e_q, 1, |e_q|^2] give
+    # b_q . a_p = ||e_p - e_q||^2: one gather and one [1, d+2] x [d+2, N] matmul per step.
+    columns = tf.transpose(tf.concat([points, norms, ones], axis=-1))  # [d + 2, N]
+    seed_rows = tf.concat([-2.0 * points, ones, norms], axis=-1)  # [N, d + 2]
+    log_seediness = log_seediness[tf.newaxis]  # [1, N]: top_k and matmul shapes
+    allowed = allowed[tf.newaxis]
+    pixel_ids = tf.range(tf.shape(points)[0])[tf.newaxis]
+
+    def distances_to(index):  # int32 [1] -> [1, N]; may be slightly negative
+        return tf.matmul(tf.gather(seed_rows, index), columns)
+
+    first = _first_argmax(log_seediness, allowed)  # [1]
     # Pixels that may not be seeds count as chosen from the start.
-    chosen = tf.logical_or(pixel_ids == first[:, None], tf.logical_not(allowed))
-    min_dist = distances_to(first)
+    chosen = tf.logical_or(pixel_ids == first, tf.logical_not(allowed))
+    min_dist = distances_to(tf.maximum(first, 0))
 
-    def step(t, seeds, chosen, min_dist):
-        # xlogy gives 0 * log 0 = 0, so alpha = 0 ranks by seediness alone.
+    # The loop runs on a plain TF executor in TF Serving, where every op costs a few
+    # microseconds whatever its size: each step is kept to about ten ops (top_k with
+    # k = 1 is one op and documents lowest-index-first ties), and several steps share
+    # one while-loop iteration to spread the loop's own control-flow ops.
+    def step(chosen, min_dist):
+        # xlogy gives 0 * log 0 = 0, so alpha = 0 ranks by seediness alone. -inf and
+        # NaN scores become the lowest finite float: they tie with each other, lose
+        # to every real score and still beat the chosen pixels (-inf).
         scores = log_seediness + tf.math.xlogy(alpha, min_dist)
-        new = _first_unchosen_argmax(scores, chosen, pixel_ids)
-        seeds = tf.where(seed_slots == t, new[:, None], seeds)
-        chosen = tf.logical_or(chosen, pixel_ids == new[:, None])
-        min_dist = tf.minimum(min_dist, distances_to(new))
-        return t + 1, seeds, chosen, min_dist
+        scores = tf.where(scores >= _LOWEST, scores, _LOWEST)
+        scores = tf.where(chosen, -math.inf, scores)
+        new = tf.math.top_k(scores, k=1, sorted=False).indices[0]  # [1]
+        chosen = tf.logical_or(chosen, pixel_ids == new)
+        return new, chosen, tf.minimum(min_dist, distances_to(new))
 
-    _, seeds, _, _ = tf.while_loop(
-        lambda t, *_: t < num_seeds, step, (tf.constant(1), seeds, chosen, min_dist))
-    return seeds
+    def steps(count, chosen, min_dist):  # `count` steps unrolled -> [count] seeds
+        new_seeds = []
+        for _ in range(count):
+            new, chosen, min_dist = step(chosen, min_dist)
+            new_seeds.append(new)
+        return tf.concat(new_seeds, axis=0), chosen, min_dist
+
+    num_loops, remainder = divmod(num_seeds - 1, _SEED_STEPS_PER_LOOP)
+    parts = [first]
+    if num_loops:
+        def body(i, written, chosen, min_dist):
+            new_seeds, chosen, min_dist = steps(_SEED_STEPS_PER_LOOP, chosen, min_dist)
+            return i + 1, written.write(i, new_seeds), chosen, min_dist
+
+        written = tf.TensorArray(tf.int32, size=num_loops,
+                                 element_shape=tf.TensorShape([_SEED_STEPS_PER_LOOP]))
+        _, written, chosen, min_dist = tf.while_loop(
+            lambda i, *_: i < num_loops, body, (tf.constant(0), written, chosen, min_dist))
+        parts.append(tf.reshape(written.stack(), [num_loops * _SEED_STEPS_PER_LOOP]))
+    if remainder:
+        parts.append(steps(remainder, chosen, min_dist)[0])
+    seeds = tf.concat(parts, axis=0)
+    # Once every allowed pixel is chosen, top_k returns chosen ones: those slots are -1.
+    num_allowed = tf.reduce_sum(tf.cast(allowed, tf.int32))
+    return tf.where(tf.range(num_seeds) < num_allowed, seeds, -1)
 
 
 def grow_masks(embeddings: tf.Tensor, seed_indices: tf.Tensor, taus: tf.Tensor) -> tf.Tensor:
@@ -378,7 +421,8 @@ def _full_resolution_masks(margins: tf.Tensor, keep: tf.Tensor, size
 
     Args:
       margins: float32 [batch, K, h, w], see `mask_margins`.
-      keep: bool [batch, K]; masks of other detections are empty.
+      keep: bool [batch, K], True before False in every image; masks of other
+        detections are empty.
       size: (H, W), ints or int32 tensors.
 
     Returns:
@@ -402,10 +446,20 @@ def _full_resolution_masks(margins: tf.Tensor, keep: tf.Tensor, size
                               tf.gather(keep, k, axis=1)[:, None, None])
         return k - 1, masks.write(k, mask), tf.where(mask, k + 1, instance_map)
 
+    # Kept detections come first (the caller sorts them so): only the first
+    # `num_resized` masks of any image in the batch are resized, the rest are written
+    # empty. With duplicate suppression this skips most of the work. (The array keeps
+    # its static size K so that XLA compiles it.)
+    num_resized = tf.maximum(tf.reduce_max(tf.reduce_sum(tf.cast(keep, tf.int32), axis=1)), 0)
     masks = tf.TensorArray(tf.bool, size=num_seeds, element_shape=instance_map.shape)
+    empty = tf.zeros_like(instance_map, tf.bool)
+    _, masks = tf.while_loop(
+        lambda k, _: k >= num_resized, lambda k, masks: (k - 1, masks.write(k, empty)),
+        (tf.constant(num_seeds - 1), masks))
     _, masks, instance_map = tf.while_loop(
-        lambda k, *_: k >= 0, step, (tf.constant(num_seeds - 1), masks, instance_map))
-    return tf.transpose(masks.stack(), [1, 0, 2, 3]), instance_map
+        lambda k, *_: k >= 0, step, (num_resized - 1, masks, instance_map))
+    masks = masks.stack()  # [K, B, H, W]
+    return tf.transpose(masks, [1, 0, 2, 3]), instance_map
 
 
 def _interpolation(in_size, out_size) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -491,27 +545,6 @@ def _first_argmax(values: tf.Tensor, allowed: tf.Tensor) -> tf.Tensor:
     hits = tf.logical_and(allowed, values >= best)
     index = tf.reduce_min(tf.where(hits, tf.range(n), n), axis=-1)
     return tf.where(index == n, -1, index)
-
-
-def _first_unchosen_argmax(scores: tf.Tensor, chosen: tf.Tensor,
-                           pixel_ids: tf.Tensor) -> tf.Tensor:
-    """`_first_argmax(scores, not chosen)` in fewer ops, for the seed loop.
-
-    -inf and NaN become the lowest finite float, so they still rank above chosen pixels
-    (-inf) and lose to every real score; all chosen gives -1.
-
-    Args:
-      scores: float32 [B, N].
-      chosen: bool [B, N].
-      pixel_ids: `tf.range(N)`, made once outside the loop.
-    """
-    lowest = tf.float32.min
-    scores = tf.where(scores >= lowest, scores, lowest)
-    scores = tf.where(chosen, -math.inf, scores)
-    best = tf.reduce_max(scores, axis=-1)
-    index = tf.reduce_min(
-        tf.where(scores == best[:, None], pixel_ids, tf.shape(scores)[-1]), axis=-1)
-    return tf.where(best == -math.inf, -1, index)
 
 
 def _centred_points(embeddings: tf.Tensor) -> tf.Tensor:

@@ -37,17 +37,21 @@ def np_seediness(probs):
     return out
 
 
-def np_select_seeds(emb, seed_map, k, alpha):
-    """Greedy seeds of one image: emb [h, w, d], seed_map [h, w] -> list of k ints."""
+def np_select_seeds(emb, seed_map, k, alpha, valid=None):
+    """Greedy seeds of one image: emb [h, w, d], seed_map [h, w] -> list of k ints.
+
+    `valid` [h, w] bool: the pixels that may be seeds (None: all).
+    """
     points = emb.reshape(-1, emb.shape[-1]).astype(np.float64)
     s = seed_map.reshape(-1).astype(np.float64)
     n = len(s)
+    valid = np.ones(n, bool) if valid is None else valid.reshape(-1)
     chosen = []
     nearest = [math.inf] * n
     for t in range(k):
         best, best_score = -1, None
         for p in range(n):
-            if p in chosen:
+            if p in chosen or not valid[p]:
                 continue
             score = math.log(s[p]) if s[p] > 0 else -math.inf
             if t > 0 and alpha > 0:
@@ -198,6 +202,26 @@ def test_select_seeds_matches_numpy(alpha):
     for b in range(2):
         assert got[b].tolist() == np_select_seeds(embeddings[b], seed_map[b], 25, alpha)
     assert len(set(got[0].tolist())) == 25
+
+
+@pytest.mark.parametrize("num_seeds", [1, 2, 10, 11, 12, 20, 21, 31])
+def test_select_seeds_matches_numpy_for_every_seed_count_and_valid_pixels(num_seeds):
+    # Seed counts on both sides of the loop's chunk size (10 steps per iteration) and
+    # of the number of valid pixels (14 of 20), so exhaustion falls inside a chunk.
+    rng = np.random.default_rng(num_seeds)
+    embeddings, logits = random_inputs(rng, batch=2, h=4, w=5, d=3)
+    seed_map = np.stack([np_seediness(np_softmax(logits[b])) for b in range(2)])
+    seed_map = seed_map.astype(np.float32)
+    valid = np.ones((2, 4, 5), bool)
+    valid[0, :, 3:] = False  # 12 valid pixels
+    valid[1, 3, :] = False  # 15
+    valid[1, 0, 0] = False  # 14
+    got = inference.select_seeds(embeddings, seed_map, num_seeds, 0.3,
+                                 valid_pixels=tf.constant(valid)).numpy()
+    assert got.shape == (2, num_seeds)
+    for b in range(2):
+        assert got[b].tolist() == np_select_seeds(
+            embeddings[b], seed_map[b], num_seeds, 0.3, valid[b])
 
 
 def test_select_seeds_hand_worked_ties_and_exhaustion():
