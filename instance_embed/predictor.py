@@ -15,6 +15,8 @@ SavedModel's signatures (`export.py`) and `predict_main` (through the SavedModel
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import keras
 import tensorflow as tf
 
@@ -108,14 +110,33 @@ def predict_images(model, images: tf.Tensor,
     """
     image_size = tf.shape(images)[1:3]
     padded = pad_images(images)
-    padded_size = tf.shape(padded)[1:3]
     if isinstance(model, keras.Model):
         outputs = model(padded, training=False)
     else:
         outputs = model(padded)
-    logits = mask_padding_logits(tf.cast(outputs["class_logits"], tf.float32),
+    return detect(outputs, image_size, tf.shape(padded)[1:3], config)
+
+
+def detect(network_outputs: Mapping[str, tf.Tensor], image_size: tf.Tensor,
+           padded_size: tf.Tensor, config: inference.InferenceConfig
+           ) -> dict[str, tf.Tensor]:
+    """The paper's inference on the network's outputs for images padded by `pad_images`.
+
+    Split from `predict_images` so that inference settings can be varied on stored
+    network outputs (see `experiments/inference_ablations.py`).
+
+    Args:
+      network_outputs: `embeddings [B, h, w, d]` and `class_logits [B, h, w, T, C + 1]`.
+      image_size: int32 [2], the images' (H, W) before padding.
+      padded_size: int32 [2], the padded (Hp, Wp) the network saw.
+      config: the inference settings.
+
+    Returns:
+      As `predict_images`.
+    """
+    logits = mask_padding_logits(tf.cast(network_outputs["class_logits"], tf.float32),
                                  image_size, padded_size)
-    embeddings = tf.cast(outputs["embeddings"], tf.float32)
+    embeddings = tf.cast(network_outputs["embeddings"], tf.float32)
     shape = tf.shape(embeddings)
     inside = pixels_inside_image(shape[1:3], image_size, padded_size)
     valid_pixels = tf.broadcast_to(inside[None], shape[:3])

@@ -9,6 +9,9 @@ So a bug anywhere downstream of the network (misplaced masks, wrong scale, paddi
 seeds, a broken matcher) shows up as lost AP.
 """
 
+import dataclasses
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -17,6 +20,8 @@ from instance_embed import evaluation
 from instance_embed import inference
 from instance_embed import predictor
 from instance_embed.data import synthetic_shapes
+
+from conftest import REPO_ROOT
 
 STRIDE = 4
 NUM_CLASSES = 3
@@ -46,14 +51,21 @@ def encode(instances, classes):
     return image
 
 
-@pytest.mark.parametrize("nms, min_map", [(0.5, 0.95), (None, 0.3)])
-def test_perfect_network_scores_near_one(nms, min_map):
-    config = inference.InferenceConfig(num_seeds=20, taus=TAUS, nms_iou_threshold=nms)
+def oracle_examples(num_images=24):
+    """Synthetic validation examples (cropped to 120 x 100) and their encoded images.
+
+    A stride-4 model sees one label per 4x4 cell, so thin shapes (bars, ring walls,
+    slivers at the crop) lose IoU whatever the embeddings: instances whose cell-block
+    approximation stays under IoU 0.55 become ignore (-1).
+
+    Returns:
+      A list of contract examples whose `image` is what `oracle_network` decodes.
+    """
     shapes_config = synthetic_shapes.SyntheticShapesConfig(
-        name="e2e", image_size=128, num_train=0, num_validation=24, num_test=0,
+        name="e2e", image_size=128, num_train=0, num_validation=num_images, num_test=0,
         max_instances=6)
-    evaluator = evaluation.InstanceEvaluator(NUM_CLASSES)
-    for index in range(shapes_config.num_validation):
+    examples = []
+    for index in range(num_images):
         example = synthetic_shapes.generate_example(shapes_config, "validation", index)
         # Sizes that are not multiples of 32 exercise the padding and the crop.
         instances = example["instances"][:120, :100]
@@ -62,9 +74,6 @@ def test_perfect_network_scores_near_one(nms, min_map):
         relabel[present] = np.arange(1, len(present) + 1)
         instances = relabel[instances]
         classes = example["instance_classes"][present - 1]
-        # A stride-4 model sees one label per 4x4 cell, so thin shapes (bars, ring
-        # walls, slivers at the crop) lose IoU whatever the embeddings. Instances whose
-        # cell-block approximation reaches IoU 0.55 are kept; the others become ignore.
         padded = np.pad(instances, ((0, 8), (0, 28)), constant_values=-1)  # to 128 x 128
         cells = padded[STRIDE // 2::STRIDE, STRIDE // 2::STRIDE]
         blocks = np.repeat(np.repeat(cells, STRIDE, 0), STRIDE, 1)[:120, :100]
@@ -72,17 +81,68 @@ def test_perfect_network_scores_near_one(nms, min_map):
             truth, block = instances == instance, blocks == instance
             if (truth & block).sum() < 0.55 * (truth | block).sum():
                 instances[truth] = -1
-        image = encode(instances, classes)
-        out = predictor.predict_images(oracle_network, tf.constant(image[None]), config)
+        examples.append({"image": encode(instances, classes), "instances": instances,
+                         "instance_classes": classes.astype(np.int32),
+                         "image_id": f"e2e{index}"})
+    return examples
+
+
+def evaluate_oracle(examples, config):
+    evaluator = evaluation.InstanceEvaluator(NUM_CLASSES)
+    for example in examples:
+        out = predictor.predict_images(oracle_network, tf.constant(example["image"][None]),
+                                       config)
         count = int(out["num_detections"][0])
         masks = out["detection_masks"][0, :count].numpy().astype(bool)
-        assert masks.shape[1:] == instances.shape
-        evaluator.add(instances, classes, masks, out["detection_classes"][0, :count].numpy(),
+        assert masks.shape[1:] == example["instances"].shape
+        evaluator.add(example["instances"], example["instance_classes"], masks,
+                      out["detection_classes"][0, :count].numpy(),
                       out["detection_scores"][0, :count].numpy())
-    result = evaluator.result()
+    return evaluator.result()
+
+
+@pytest.mark.parametrize("nms, min_map", [(0.5, 0.95), (None, 0.3)])
+def test_perfect_network_scores_near_one(nms, min_map):
+    config = inference.InferenceConfig(num_seeds=20, taus=TAUS, nms_iou_threshold=nms)
+    result = evaluate_oracle(oracle_examples(), config)
     assert result["num_instances"] > 50
     assert result["AR@0.5@20"] > 0.95
     # With near-duplicate suppression every recalled instance is a true positive; without
     # it, duplicates of equal score (the perfect network is equally sure everywhere)
     # interleave with them (see README: --nms_iou_threshold).
     assert result["mAP_r@0.5"] > min_map
+
+
+def test_inference_ablations_match_direct_evaluation():
+    # experiments/inference_ablations.py re-runs inference on stored network outputs;
+    # each of its cells must equal a direct run of the network and inference.
+    sys.path.insert(0, str(REPO_ROOT / "experiments"))
+    import inference_ablations
+
+    examples = oracle_examples(num_images=8)
+    dataset = tf.data.Dataset.from_generator(
+        lambda: iter(examples), output_signature={
+            "image": tf.TensorSpec([120, 100, 3], tf.uint8),
+            "instances": tf.TensorSpec([120, 100], tf.int32),
+            "instance_classes": tf.TensorSpec([None], tf.int32),
+            "image_id": tf.TensorSpec([], tf.string)})
+    cache = inference_ablations.network_outputs(oracle_network, dataset)
+    base = inference.InferenceConfig(num_seeds=20, taus=TAUS, nms_iou_threshold=None)
+    by_alpha, by_seeds = inference_ablations.ablation_tables(
+        cache, dataset, ["a", "b", "c"], base, alphas=[0.0, 0.6], seed_counts=[3, 20],
+        nms=0.5)
+    assert sorted(by_alpha) == [0.0, 0.6] and sorted(by_seeds) == [3, 20]
+    for alpha, (with_nms, without) in by_alpha.items():
+        direct = evaluate_oracle(examples, dataclasses.replace(base, alpha=alpha,
+                                                              nms_iou_threshold=0.5))
+        assert with_nms == direct["mAP_r@0.5"]
+        direct = evaluate_oracle(examples, dataclasses.replace(base, alpha=alpha))
+        assert without == direct["mAP_r@0.5"]
+    for seeds, row in by_seeds.items():
+        with_nms = evaluate_oracle(examples, dataclasses.replace(
+            base, num_seeds=seeds, nms_iou_threshold=0.5))
+        without = evaluate_oracle(examples, dataclasses.replace(base, num_seeds=seeds))
+        assert row == (with_nms["mAP_r@0.5"], with_nms["AR@0.5@1000"],
+                       without["mAP_r@0.5"], without["AR@0.5@1000"])
+    # The settings really differ (suppression matters for a perfect network).
+    assert by_seeds[20][0] > by_seeds[20][2] + 0.2

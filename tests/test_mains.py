@@ -2,9 +2,12 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import numpy as np
+from PIL import Image
 import pytest
 
 from instance_embed import export
@@ -106,3 +109,36 @@ def test_train_main_reports_a_broken_dataset_file_before_training(tmp_path):
     assert out.returncode == 2
     assert "img3" in out.stderr and "Traceback" not in out.stderr
     assert not os.path.exists(tmp_path / "run" / "ckpt")
+
+
+def _penn_fudan_layout_copy(folder_dataset, root, num_images):
+    """The first `num_images` images of an instance_folder dataset in Penn-Fudan layout."""
+    os.makedirs(os.path.join(root, "PNGImages"))
+    os.makedirs(os.path.join(root, "PedMasks"))
+    instances = 0
+    for i in range(num_images):
+        name = f"Other{i:05d}"
+        shutil.copy(os.path.join(folder_dataset, "images", f"img{i}.png"),
+                    os.path.join(root, "PNGImages", f"{name}.png"))
+        shutil.copy(os.path.join(folder_dataset, "masks", f"img{i}.png"),
+                    os.path.join(root, "PedMasks", f"{name}_mask.png"))
+        if i % 5 == 4:  # the validation split: every 5th image by name
+            mask = np.asarray(Image.open(os.path.join(folder_dataset, "masks", f"img{i}.png")))
+            instances += len(np.unique(mask[mask > 0]))
+    return root, instances
+
+
+def test_eval_main_reads_any_penn_fudan_layout_folder(trained_run, tmp_path):
+    # A model trained on another dataset, evaluated on two different pedestrian-style
+    # folders through --manual_dir: each is read on its own (no stale prepared copy).
+    data_dir, manual, model_dir = trained_run
+    for num_images in (10, 5):
+        folder, instances = _penn_fudan_layout_copy(
+            manual, str(tmp_path / f"peds{num_images}"), num_images)
+        out_dir = tmp_path / f"eval{num_images}"
+        _run("instance_embed.eval_main", f"--model_dir={model_dir}",
+             "--dataset=penn_fudan_ped", f"--manual_dir={folder}",
+             f"--data_dir={tmp_path / 'tfds'}", "--split=validation", f"--output_dir={out_dir}")
+        metrics = json.load(open(out_dir / "metrics.json"))
+        assert metrics["num_images"] == num_images // 5
+        assert metrics["num_instances"] == instances > 0
