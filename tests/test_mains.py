@@ -142,3 +142,8 @@ def test_eval_main_reads_any_penn_fudan_layout_folder(trained_run, tmp_path):
         metrics = json.load(open(out_dir / "metrics.json"))
         assert metrics["num_images"] == num_images // 5
         assert metrics["num_instances"] == instances > 0
+    # Every image of a collection, as the README documents for other pedestrian sets.
+    _run("instance_embed.eval_main", f"--model_dir={model_dir}", "--dataset=penn_fudan_ped",
+         f"--manual_dir={folder}", f"--data_dir={tmp_path / 'tfds'}",
+         "--split=train+validation", f"--output_dir={tmp_path / 'all'}")
+    assert json.load(open(tmp_path / "all" / "metrics.json"))["num_images"] == 5
