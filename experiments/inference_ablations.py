@@ -27,16 +27,20 @@ from absl import app
 from absl import flags
 from absl import logging
 
-flags.DEFINE_string("model_dir", None, "Run directory written by train_main.")
-flags.DEFINE_string("split", None, "Split (default: the run's eval split).")
-flags.DEFINE_string("manual_dir", None, "Raw files (default: the run's).")
-flags.DEFINE_string("data_dir", None, "TFDS data directory (default: the run's).")
-flags.DEFINE_list("alphas", ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6"], "Alphas (Table 2).")
-flags.DEFINE_list("num_seeds", ["10", "20", "50", "100", "200"], "Seed counts (Table 3).")
-flags.DEFINE_float("nms_iou_threshold", None,
-                   "Suppression IoU of the 'on' rows (default: the run's, else 0.5).")
-flags.DEFINE_string("output", None, "Also write the tables to this Markdown file.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Defined only when run as a program: tests import this module beside other mains."""
+    flags.DEFINE_string("model_dir", None, "Run directory written by train_main.")
+    flags.DEFINE_string("split", None, "Split (default: the run's eval split).")
+    flags.DEFINE_string("manual_dir", None, "Raw files (default: the run's).")
+    flags.DEFINE_string("data_dir", None, "TFDS data directory (default: the run's).")
+    flags.DEFINE_list("alphas", ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6"], "Alphas (Table 2).")
+    flags.DEFINE_list("num_seeds", ["10", "20", "50", "100", "200"], "Seed counts (Table 3).")
+    flags.DEFINE_float("nms_iou_threshold", None,
+                       "Suppression IoU of the 'on' rows (default: the run's, else 0.5).")
+    flags.DEFINE_string("output", None, "Also write the tables to this Markdown file.")
 
 
 def network_outputs(network, examples) -> dict:
@@ -152,4 +156,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
