@@ -41,6 +41,8 @@ from scipy import ndimage
 
 from instance_embed import inference
 
+import timing  # benchmarks/timing.py
+
 IMAGE_SIZE = 512
 NUM_TAUS = 4
 NUM_CLASSES = 20
@@ -134,19 +136,8 @@ def make_full(config, jit):
 
 
 def time_it(fn, repeats, warmup=2):
-    """Best of `repeats` wall times after `warmup` calls.
-
-    The minimum rather than the median: on a shared machine the extra time of a slower
-    run is other processes', not the code's.
-    """
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    """Best of `repeats` wall times after `warmup` calls."""
+    return min(timing.wall_times(fn, repeats, warmup))
 
 
 def instances_found(labels, masks):

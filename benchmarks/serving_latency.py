@@ -21,7 +21,6 @@ import argparse
 import io
 import os
 import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -36,18 +35,14 @@ from instance_embed import predictor
 from instance_embed.model import ModelConfig
 from instance_embed.model import build_model
 
+import timing  # benchmarks/timing.py
+
 SIZE = 512
 
 
 def best_and_median(fn, repeats, warmup=3):
     """(best, median) wall time in ms of `fn()` after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    times = timing.wall_times(fn, repeats, warmup)
     return 1e3 * min(times), 1e3 * float(np.median(times))
 
 
