@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import keras
@@ -37,11 +38,15 @@ def restore_model(model_dir: str, checkpoint_path: str | None = None
       checkpoint_path: a specific checkpoint prefix (default: the latest one).
 
     Returns:
-      (model, the run's ExperimentConfig, the checkpoint path used).
+      (model, the run's ExperimentConfig, the checkpoint path used). The model computes
+      in float32 whatever the run's `mixed_precision`.
     """
     config = configs.ExperimentConfig.load(model_dir)
     path = checkpoint_path or latest_checkpoint(model_dir)
-    model = build_model(config.model)
+    # Mixed precision is a training choice: variables are float32 either way, and a
+    # float32 model evaluates and serves the same on every CPU (bfloat16 is emulated,
+    # and slow, on CPUs without bfloat16 units).
+    model = build_model(dataclasses.replace(config.model, mixed_precision=None))
     # Optimizer slots and the step are in the checkpoint too; only the model is needed.
     tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
     return model, config, path

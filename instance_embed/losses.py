@@ -53,6 +53,11 @@ class LossConfig:
 
     Attributes:
       points_per_instance: K, points sampled per instance (background counts as one).
+      cls_points_per_instance: how many of each instance's K points also serve as
+        seeds for the classification loss (None: all K). Growing a mask from every
+        seed over the whole image is the costliest part of the losses (a
+        [points, pixels] distance matrix per threshold), so fewer seeds than embedding
+        points make a step cheaper, most of all at fine output strides.
       instance_size_weighting: weight each point by the inverse of its instance's size
         at the heads' resolution (the paper's choice); False = uniform weights.
       cls_iou_threshold: a mask grown from a seed is labelled with the class of its best
@@ -67,6 +72,7 @@ class LossConfig:
     """
 
     points_per_instance: int = 10
+    cls_points_per_instance: int | None = None
     instance_size_weighting: bool = True
     cls_iou_threshold: float = 0.5
     cls_warmup_steps: int = 1000
@@ -78,6 +84,11 @@ class LossConfig:
         self.taus = _validate_taus(self.taus, "LossConfig.taus")
         _require(_is_int(self.points_per_instance) and self.points_per_instance >= 1,
                  "points_per_instance", self.points_per_instance, "must be an int >= 1")
+        _require(self.cls_points_per_instance is None
+                 or (_is_int(self.cls_points_per_instance)
+                     and 1 <= self.cls_points_per_instance <= self.points_per_instance),
+                 "cls_points_per_instance", self.cls_points_per_instance,
+                 "must be None or an int in [1, points_per_instance]")
         _require(isinstance(self.instance_size_weighting, (bool, np.bool_)),
                  "instance_size_weighting", self.instance_size_weighting, "must be a bool")
         _require(_is_number(self.cls_iou_threshold) and 0.0 <= self.cls_iou_threshold < 1.0,
@@ -236,6 +247,24 @@ def instance_size_weights(point_instance_ids: tf.Tensor, instance_sizes: tf.Tens
     sizes = tf.gather(instance_sizes, tf.maximum(ids, 0), batch_dims=1)
     valid = tf.logical_and(ids >= 0, sizes > 0)
     return tf.where(valid, 1.0 / tf.maximum(sizes, 1.0), 0.0)
+
+
+def first_points_per_slot(values: tf.Tensor, points_per_instance: int, count: int
+                          ) -> tf.Tensor:
+    """The first `count` of each slot's points, from `[batch, (M + 1) * K]` slot-major.
+
+    Args:
+      values: [batch, (M + 1) * K], laid out as `sample_points` returns them.
+      points_per_instance: K.
+      count: how many to keep per slot, 1..K.
+
+    Returns:
+      [batch, (M + 1) * count], same dtype, still slot-major.
+    """
+    values = tf.convert_to_tensor(values)
+    slots = _static_dim(values, 1, "values") // points_per_instance
+    per_slot = tf.reshape(values, [-1, slots, points_per_instance])[:, :, :count]
+    return tf.reshape(per_slot, [-1, slots * count])
 
 
 def gather_points(feature_map: tf.Tensor, point_indices: tf.Tensor) -> tf.Tensor:
@@ -646,6 +675,12 @@ class InstanceLoss:
 
         embedding_losses, embedding_valid = embedding_loss_per_image(
             gather_points(embeddings, indices), ids, points["point_weights"])
+        cls_points = config.cls_points_per_instance or config.points_per_instance
+        if cls_points < config.points_per_instance:
+            # Each slot's points are a random sample in random order: its first ones are
+            # a smaller random sample.
+            indices, ids = (first_points_per_slot(x, config.points_per_instance, cls_points)
+                            for x in (indices, ids))
         targets = classification_targets(
             embeddings, labels, batch["instance_classes"], batch["instance_valid"],
             indices, ids, config.taus, config.cls_iou_threshold)

@@ -61,8 +61,14 @@ flags.DEFINE_list("pyramid_scales", [str(s) for s in _MODEL.pyramid_scales],
                   "Image pyramid scales (paper: 0.25,0.5,1.0,2.0).")
 flags.DEFINE_integer("head_channels", _MODEL.head_channels, "Width of the heads.")
 flags.DEFINE_integer("head_depth", _MODEL.head_depth, "3x3 conv layers per head.")
-flags.DEFINE_enum("mixed_precision", None, ["mixed_bfloat16", "mixed_float16"],
-                  "Mixed precision policy (losses stay float32).")
+flags.DEFINE_boolean("detail_classification", False, "With --detail_stride, refine the "
+                     "classification head at that stride too (else its logits are resized).")
+flags.DEFINE_integer("detail_stride", None, "Refine the embeddings at this finer stride "
+                     "with a shallow branch on the image (e.g. 2 with --output_stride=4).")
+flags.DEFINE_enum("mixed_precision", None, ["auto", "mixed_bfloat16", "mixed_float16"],
+                  "Mixed precision policy for training (losses stay float32; evaluation "
+                  "and export run in float32). 'auto': mixed_bfloat16 on a TPU or a CPU "
+                  "with bfloat16 units (AMX/AVX512-BF16), else float32.")
 # Input.
 flags.DEFINE_integer("image_size", _INPUT.image_size, "Training crop size S.")
 flags.DEFINE_integer("max_instances", _INPUT.max_instances, "Instances kept per image M.")
@@ -78,6 +84,8 @@ flags.DEFINE_boolean("augment_flip", _AUG.flip, "Random horizontal flip (paper 4
 # Loss.
 flags.DEFINE_integer("points_per_instance", _LOSS.points_per_instance, "K points sampled "
                      "per instance.")
+flags.DEFINE_integer("cls_points_per_instance", None, "Of the K points per instance, how "
+                     "many also seed the classification loss (default: all K).")
 flags.DEFINE_boolean("instance_size_weighting", _LOSS.instance_size_weighting,
                      "Weight pairs inversely to instance size (paper); else uniform.")
 flags.DEFINE_float("cls_iou_threshold", _LOSS.cls_iou_threshold, "IoU for a good seed.")
@@ -180,10 +188,13 @@ def config_from_flags() -> configs.ExperimentConfig:
             output_stride=FLAGS.output_stride, embedding_dim=FLAGS.embedding_dim,
             num_classes=num_classes, taus=taus,
             pyramid_scales=tuple(_float_list(FLAGS.pyramid_scales)),
-            mixed_precision=FLAGS.mixed_precision, head_channels=FLAGS.head_channels,
-            head_depth=FLAGS.head_depth),
+            mixed_precision=model_config.resolve_mixed_precision(
+                FLAGS.mixed_precision, FLAGS.strategy), head_channels=FLAGS.head_channels,
+            head_depth=FLAGS.head_depth, detail_stride=FLAGS.detail_stride,
+            detail_classification=FLAGS.detail_classification),
         loss=losses.LossConfig(
             points_per_instance=FLAGS.points_per_instance,
+            cls_points_per_instance=FLAGS.cls_points_per_instance,
             instance_size_weighting=FLAGS.instance_size_weighting,
             cls_iou_threshold=FLAGS.cls_iou_threshold,
             cls_warmup_steps=FLAGS.cls_warmup_steps, cls_ramp_steps=FLAGS.cls_ramp_steps,
@@ -211,6 +222,9 @@ def main(argv):
         config = config_from_flags()
     except (FlagError, ValueError, TypeError) as e:
         raise app.UsageError(str(e)) from None
+    if FLAGS.mixed_precision == model_config.AUTO_MIXED_PRECISION:
+        logging.info("--mixed_precision=auto: training in %s on this machine.",
+                     config.model.mixed_precision or "float32")
     if FLAGS.deterministic:
         import tensorflow as tf
         tf.config.experimental.enable_op_determinism()

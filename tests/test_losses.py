@@ -5,6 +5,7 @@ The references use the plain formulas of the paper in float64 with Python loops
 set counting), not the stable rewrites the library uses.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -117,6 +118,8 @@ def test_loss_config_defaults():
     ("points_per_instance", 0),
     ("points_per_instance", 2.5),
     ("instance_size_weighting", "yes"),
+    ("cls_points_per_instance", 0),
+    ("cls_points_per_instance", 11),  # more than points_per_instance (10)
     ("cls_iou_threshold", 1.0),
     ("cls_iou_threshold", -0.1),
     ("cls_warmup_steps", -1),
@@ -651,6 +654,41 @@ def test_instance_loss_matches_numpy_pipeline():
     np.testing.assert_allclose(values["cls_weight"].numpy(), 0.2 * 10 / 20, rtol=1e-6)
     np.testing.assert_allclose(values["total"].numpy(),
                                expected_embedding + 0.1 * expected_cls, rtol=1e-5)
+
+
+def test_first_points_per_slot_keeps_the_head_of_each_slot():
+    values = tf.constant([[0, 1, 2, 10, 11, 12], [20, 21, 22, 30, 31, 32]])
+    np.testing.assert_array_equal(losses.first_points_per_slot(values, 3, 2),
+                                  [[0, 1, 10, 11], [20, 21, 30, 31]])
+    np.testing.assert_array_equal(losses.first_points_per_slot(values, 3, 3), values)
+
+
+def test_instance_loss_classifies_a_subset_of_the_points():
+    outputs, batch = _instance_loss_inputs(seed=4)
+    seed = tf.constant([5, 6], tf.int64)
+    config = losses.LossConfig(points_per_instance=6, cls_points_per_instance=2,
+                               cls_warmup_steps=0, cls_ramp_steps=0)
+    values = losses.InstanceLoss(config)(outputs, batch, step=1, seed=seed)
+    full = losses.InstanceLoss(dataclasses.replace(config, cls_points_per_instance=None))(
+        outputs, batch, step=1, seed=seed)
+    # The embedding loss uses all 6 points either way.
+    np.testing.assert_allclose(values["embedding"], full["embedding"], rtol=1e-6)
+
+    # The classification loss, recomputed by the NumPy references on the first 2 of
+    # each slot's 6 points (slot-major layout: slot j holds points [6j, 6j + 6)).
+    labels = batch["instances"][:, 2::4, 2::4]
+    points = losses.sample_points(labels, batch["instance_valid"], 6, seed)
+    head = np.arange(points["point_indices"].shape[1]) % 6 < 2
+    indices = points["point_indices"].numpy()[:, head]
+    ids = points["point_instance_ids"].numpy()[:, head]
+    targets = np_classification_targets(outputs["embeddings"], labels,
+                                        batch["instance_classes"], batch["instance_valid"],
+                                        indices, ids, TAUS, 0.5)
+    logits = outputs["class_logits"].reshape(2, 64, len(TAUS), -1)
+    point_logits = np.stack([logits[b, indices[b]] for b in range(2)])
+    expected = np_classification_loss(point_logits, targets, ids >= 0)
+    np.testing.assert_allclose(values["classification"].numpy(), expected, rtol=1e-5)
+    assert abs(float(values["classification"]) - float(full["classification"])) > 1e-4
 
 
 def test_instance_loss_tf_function_equals_eager_and_targets_carry_no_gradient():

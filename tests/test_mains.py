@@ -111,6 +111,26 @@ def test_train_main_reports_a_broken_dataset_file_before_training(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "ckpt")
 
 
+def test_train_main_resolves_auto_mixed_precision_for_this_machine(tmp_path):
+    import tensorflow as tf
+
+    from instance_embed.model import config as model_config
+
+    manual = test_train._write_folder_dataset(str(tmp_path / "raw"), count=5)
+    run_dir = tmp_path / "run"
+    out = _run("instance_embed.train_main", f"--model_dir={run_dir}",
+               "--dataset=instance_folder", f"--data_dir={tmp_path / 'tfds'}",
+               f"--manual_dir={manual}", "--image_size=64", "--batch_size=2",
+               "--train_steps=1", "--noeval_at_end", "--head_channels=8",
+               "--embedding_dim=4", "--mixed_precision=auto")
+    native = (model_config.cpu_has_native_bfloat16()
+              and not tf.config.list_physical_devices("GPU"))
+    expected = "mixed_bfloat16" if native else None
+    with open(run_dir / "config.json") as f:
+        assert json.load(f)["model"]["mixed_precision"] == expected
+    assert f"--mixed_precision=auto: training in {expected or 'float32'}" in out.stderr
+
+
 def _penn_fudan_layout_copy(folder_dataset, root, num_images):
     """The first `num_images` images of an instance_folder dataset in Penn-Fudan layout."""
     os.makedirs(os.path.join(root, "PNGImages"))

@@ -18,6 +18,7 @@ from instance_embed.model import (
     register_backbone,
 )
 from instance_embed.model import backbones as backbones_lib
+from instance_embed.model import config as config_lib
 from instance_embed.model import layers as model_layers
 from instance_embed.model import resnet
 from instance_embed.model import vgg
@@ -67,6 +68,10 @@ def _check_outputs(outputs, batch, h, w, config):
         ({"backbone_weights": ""}, "backbone_weights"),
         ({"coord_channels": "yes"}, "coord_channels"),
         ({"batchnorm_momentum": 1.0}, "batchnorm_momentum"),
+        ({"output_stride": 4, "detail_stride": 4}, "detail_stride"),  # not finer
+        ({"output_stride": 8, "detail_stride": 3}, "detail_stride"),  # not a power of 2
+        ({"output_stride": 8, "detail_stride": 0}, "detail_stride"),
+        ({"mixed_precision": "auto"}, "mixed_precision"),  # resolved before, never stored
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
@@ -104,6 +109,14 @@ def test_config_round_trips_through_dict_and_normalises_lists():
 )
 def test_feature_size(stride, image_size, expected):
     assert feature_size(ModelConfig(output_stride=stride), image_size) == expected
+
+
+@pytest.mark.parametrize("stride, detail, image_size, expected",
+                         [(4, 2, 64, (32, 32)), (8, 2, (64, 96), (32, 48)), (8, 4, 100, (25, 25))])
+def test_feature_size_with_detail_stride(stride, detail, image_size, expected):
+    config = ModelConfig(output_stride=stride, detail_stride=detail)
+    assert config.heads_stride == detail
+    assert feature_size(config, image_size) == expected
 
 
 def test_feature_size_rejects_bad_size():
@@ -246,6 +259,65 @@ def test_mixed_precision_outputs_float32_and_restores_global_policy(policy):
     assert conv.compute_dtype == policy.removeprefix("mixed_")
     assert conv.kernel.dtype == "float32"
     assert model.get_layer("embeddings").compute_dtype == "float32"
+
+
+def _cpuinfo(tmp_path, text):
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("processor\t: 0\nflags\t\t: fpu sse avx512f amx_bf16 amx_tile\n", True),
+    ("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16\n", True),
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n", False),
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),  # Arm
+    ("processor\t: 0\nFeatures\t: fp asimd crc32\n", False),
+    ("model name\t: bf16 in a name is not a flag\n", False),
+])
+def test_cpu_has_native_bfloat16_reads_cpu_flags(tmp_path, text, expected):
+    assert config_lib.cpu_has_native_bfloat16(_cpuinfo(tmp_path, text)) is expected
+
+
+def test_cpu_has_native_bfloat16_without_cpuinfo(tmp_path):
+    assert config_lib.cpu_has_native_bfloat16(str(tmp_path / "missing")) is False
+
+
+@pytest.mark.parametrize("value, strategy, has_gpu, cpu_bf16, expected", [
+    (None, "default", False, True, None),  # explicit values pass through
+    ("mixed_float16", "default", False, True, "mixed_float16"),
+    ("auto", "default", False, True, "mixed_bfloat16"),
+    ("auto", "mirrored", False, False, None),
+    ("auto", "default", True, True, None),  # GPUs: the user chooses
+    ("auto", "tpu", False, False, "mixed_bfloat16"),
+])
+def test_resolve_mixed_precision(value, strategy, has_gpu, cpu_bf16, expected):
+    assert config_lib.resolve_mixed_precision(
+        value, strategy, has_gpu=has_gpu, cpu_bfloat16=cpu_bf16) == expected
+
+
+def test_detail_stride_refines_embeddings_and_upsamples_logits():
+    config = ModelConfig(output_stride=4, detail_stride=2, num_classes=2)
+    model = build_model(config)
+    images = _images(2, 64, 96)
+    outputs = model(images)
+    _check_outputs(outputs, 2, 32, 48, config)
+    # The class logits are the coarse head's logits resized bilinearly (half-pixel
+    # centres), checked against the layer before the resize.
+    coarse = keras.Model(model.input, model.get_layer("classification_head_output").output)(images)
+    assert tuple(coarse.shape) == (2, 16, 24, 4 * 3)  # T * (C + 1) channels
+    expected = tf.image.resize(coarse, (32, 48), method="bilinear").numpy()
+    np.testing.assert_allclose(np.reshape(outputs["class_logits"], expected.shape), expected,
+                               rtol=1e-5, atol=1e-5)
+    # Embeddings see the image at stride 2: inverting a 2x2 patch of the image moves
+    # most the embeddings of the stride-2 cells whose 3x3 windows hold it (SAME padding
+    # with stride 2 puts cell i's window on rows 2i..2i+2), not a stride-4 block.
+    changed = images.copy()
+    changed[:, 20:22, 30:32] = 255 - changed[:, 20:22, 30:32]
+    delta = np.abs(model(changed)["embeddings"] - outputs["embeddings"]).sum(-1)
+    for b in range(2):
+        row, col = np.unravel_index(np.argmax(delta[b]), delta[b].shape)
+        assert row in (9, 10) and col in (14, 15)
 
 
 def test_frozen_batchnorm_uses_moving_statistics_in_training():

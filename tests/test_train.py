@@ -287,3 +287,8 @@ def test_mixed_precision_trains(policy, folder_dataset, tmp_path):
     reader = tf.train.load_checkpoint(checkpoints.latest_checkpoint(str(tmp_path / policy)))
     scales = [k for k in reader.get_variable_to_shape_map() if "dynamic_scale" in k]
     assert bool(scales) == (policy == "mixed_float16")
+    # Evaluation and export rebuild the run's model in float32 from the same variables.
+    model, restored_config, _ = checkpoints.restore_model(str(tmp_path / policy))
+    assert restored_config.model.mixed_precision == policy
+    conv = model.get_layer("backbone").get_layer("stage2_block1_a_conv")
+    assert conv.compute_dtype == "float32" and conv.kernel.dtype == "float32"

@@ -8,7 +8,10 @@
       -> embedding head        -> "embeddings"    float32 [B, h, w, d]
       -> classification head   -> "class_logits"  float32 [B, h, w, |T|, C + 1]
 
-with h = ceil(H / output_stride).
+with h = ceil(H / output_stride). With `detail_stride`, a shallow branch on the image
+([B, H / detail_stride, W / detail_stride, 16]) refines the embedding head (and, with
+`detail_classification`, the classification head) at that finer stride, and both
+outputs have h = ceil(H / detail_stride).
 
 Mixed precision: the config's dtype policy is made the global Keras policy only while
 the layers are constructed, then the previous global policy is restored. Every layer
@@ -103,8 +106,13 @@ def build_model(config: ModelConfig) -> keras.Model:
         x = heads.neck(features, config.head_channels, momentum)
         if config.use_coord_channels:
             x = model_layers.AppendCoordinates(name="coordinates")(x)
+        detail = None
+        if config.detail_stride is not None:
+            detail = heads.detail_branch(image, config.detail_stride,
+                                         batchnorm_momentum=momentum)
         embeddings = heads.embedding_head(
-            x, config.embedding_dim, config.head_channels, config.head_depth, momentum
+            x, config.embedding_dim, config.head_channels, config.head_depth, momentum,
+            detail=detail,
         )
         class_logits = heads.classification_head(
             x,
@@ -113,6 +121,9 @@ def build_model(config: ModelConfig) -> keras.Model:
             config.head_channels,
             config.head_depth,
             momentum,
+            output_reference=(embeddings if detail is not None
+                              and not config.detail_classification else None),
+            detail=detail if config.detail_classification else None,
         )
         model = keras.Model(
             image,
