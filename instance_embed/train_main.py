@@ -61,8 +61,6 @@ flags.DEFINE_list("pyramid_scales", [str(s) for s in _MODEL.pyramid_scales],
                   "Image pyramid scales (paper: 0.25,0.5,1.0,2.0).")
 flags.DEFINE_integer("head_channels", _MODEL.head_channels, "Width of the heads.")
 flags.DEFINE_integer("head_depth", _MODEL.head_depth, "3x3 conv layers per head.")
-flags.DEFINE_boolean("detail_classification", False, "With --detail_stride, refine the "
-                     "classification head at that stride too (else its logits are resized).")
 flags.DEFINE_integer("detail_stride", None, "Refine the embeddings at this finer stride "
                      "with a shallow branch on the image (e.g. 2 with --output_stride=4).")
 flags.DEFINE_enum("mixed_precision", None, ["auto", "mixed_bfloat16", "mixed_float16"],
@@ -190,8 +188,7 @@ def config_from_flags() -> configs.ExperimentConfig:
             pyramid_scales=tuple(_float_list(FLAGS.pyramid_scales)),
             mixed_precision=model_config.resolve_mixed_precision(
                 FLAGS.mixed_precision, FLAGS.strategy), head_channels=FLAGS.head_channels,
-            head_depth=FLAGS.head_depth, detail_stride=FLAGS.detail_stride,
-            detail_classification=FLAGS.detail_classification),
+            head_depth=FLAGS.head_depth, detail_stride=FLAGS.detail_stride),
         loss=losses.LossConfig(
             points_per_instance=FLAGS.points_per_instance,
             cls_points_per_instance=FLAGS.cls_points_per_instance,

@@ -9,9 +9,9 @@
       -> classification head   -> "class_logits"  float32 [B, h, w, |T|, C + 1]
 
 with h = ceil(H / output_stride). With `detail_stride`, a shallow branch on the image
-([B, H / detail_stride, W / detail_stride, 16]) refines the embedding head (and, with
-`detail_classification`, the classification head) at that finer stride, and both
-outputs have h = ceil(H / detail_stride).
+([B, H / detail_stride, W / detail_stride, 16]) refines the embedding head at that finer
+stride, the class logits are resized bilinearly to it, and both outputs have
+h = ceil(H / detail_stride).
 
 Mixed precision: the config's dtype policy is made the global Keras policy only while
 the layers are constructed, then the previous global policy is restored. Every layer
@@ -121,9 +121,7 @@ def build_model(config: ModelConfig) -> keras.Model:
             config.head_channels,
             config.head_depth,
             momentum,
-            output_reference=(embeddings if detail is not None
-                              and not config.detail_classification else None),
-            detail=detail if config.detail_classification else None,
+            output_reference=embeddings if detail is not None else None,
         )
         model = keras.Model(
             image,

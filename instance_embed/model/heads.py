@@ -94,7 +94,6 @@ def classification_head(
     depth: int,
     batchnorm_momentum: float = 0.99,
     output_reference=None,
-    detail=None,
 ):
     """Per-pixel, per-threshold logits of the class of the mask grown from the pixel.
 
@@ -114,10 +113,6 @@ def classification_head(
       from the layer named "class_logits" (`h', w'` with `output_reference`).
     """
     x = _tower(features, channels, depth, batchnorm_momentum, "classification_head")
-    if detail is not None:
-        x = model_layers.ResizeToReference(name="classification_head_upsample")([x, detail])
-        x = keras.layers.Concatenate(name="classification_head_detail_concat")([x, detail])
-        x = _tower(x, channels // 2, 1, batchnorm_momentum, "classification_head_detail")
     x = keras.layers.Conv2D(
         num_taus * (num_classes + 1), 1, dtype="float32", name="classification_head_output"
     )(x)
