@@ -44,7 +44,7 @@ def define_flags():
 
 
 def network_outputs(network, examples) -> dict:
-    """{image hash: (network outputs, image size, padded size)} for every example.
+    """{image hash: (network outputs, image size, padded size, padded image)} per example.
 
     Args:
       network: float32 `[1, Hp, Wp, 3]` padded images -> dict with `embeddings` and
@@ -59,7 +59,8 @@ def network_outputs(network, examples) -> dict:
     for example in examples:
         image = example["image"][tf.newaxis]
         padded = predictor.pad_images(tf.cast(image, tf.float32))
-        cache[_key(image)] = (network(padded), tf.shape(image)[1:3], tf.shape(padded)[1:3])
+        cache[_key(image)] = (network(padded), tf.shape(image)[1:3], tf.shape(padded)[1:3],
+                              padded)
     return cache
 
 
@@ -75,8 +76,8 @@ def evaluate_setting(cache, examples, class_names, inference_config) -> dict:
     from instance_embed import predictor
 
     @tf.function(reduce_retracing=True)
-    def detect(outputs, image_size, padded_size):
-        return predictor.detect(outputs, image_size, padded_size, inference_config)
+    def detect(outputs, image_size, padded_size, padded):
+        return predictor.detect(outputs, image_size, padded_size, inference_config, padded)
 
     def predict(images):
         return detect(*cache[_key(images)])

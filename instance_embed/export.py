@@ -118,6 +118,8 @@ class ExportConfig:
       score_threshold: detections scoring below it are invalid.
       nms_iou_threshold: near-duplicate suppression IoU; a negative value turns
         suppression off.
+      mask_upsampling: "bilinear" or "joint_bilateral" (see `inference.InferenceConfig`).
+      bilateral_sigma: colour scale of "joint_bilateral".
       max_image_pixels: requests with an image of more pixels (height x width, read
         from the file header) are rejected. Memory grows with K x pixels: the
         full-resolution masks alone take K x H x W bytes.
@@ -132,6 +134,8 @@ class ExportConfig:
     taus: tuple[float, ...] | None = None
     score_threshold: float | None = None
     nms_iou_threshold: float | None = None
+    mask_upsampling: str | None = None
+    bilateral_sigma: float | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     class_names: tuple[str, ...] | None = None
 
@@ -163,7 +167,8 @@ class ExportConfig:
     def inference_config(self, base: inference.InferenceConfig) -> inference.InferenceConfig:
         """`base` (the run's settings) with this config's overrides applied."""
         overrides = {name: getattr(self, name)
-                     for name in ("num_seeds", "alpha", "taus", "score_threshold")
+                     for name in ("num_seeds", "alpha", "taus", "score_threshold",
+                                  "mask_upsampling", "bilateral_sigma")
                      if getattr(self, name) is not None}
         if self.nms_iou_threshold is not None:
             overrides["nms_iou_threshold"] = (

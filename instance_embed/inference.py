@@ -31,7 +31,10 @@ from typing import Sequence
 
 import tensorflow as tf
 
+from instance_embed import mask_upsampling
+
 PAPER_TAUS = (0.25, 0.5, 0.75, 0.9)
+MASK_UPSAMPLING = ("bilinear", "joint_bilateral")
 # Greedy seed-selection steps per while-loop iteration (see `select_seeds`).
 _SEED_STEPS_PER_LOOP = 10
 _LOWEST = -3.4028234663852886e38  # the lowest finite float32
@@ -52,6 +55,13 @@ class InferenceConfig:
       nms_iou_threshold: when set, a mask whose IoU with a higher-scored kept mask
         exceeds it is dropped (near-duplicate suppression, IoU measured at the heads'
         resolution). None disables it (paper).
+      mask_upsampling: how masks reach the input resolution (see `mask_upsampling`):
+        "bilinear" (the 0/1 mask resized bilinearly, boundaries on the stride-cell
+        grid) or "joint_bilateral" (boundaries inside a cell follow the image's colour
+        edges; needs the images).
+      bilateral_sigma: the colour distance (RGB in 0-255) of "joint_bilateral": a cell
+        whose mean colour is this much farther from a pixel's colour than the closest
+        cell's weighs exp(-1/2) as much.
     """
 
     num_seeds: int = 100
@@ -59,6 +69,8 @@ class InferenceConfig:
     taus: tuple[float, ...] = PAPER_TAUS
     score_threshold: float = 0.0
     nms_iou_threshold: float | None = None
+    mask_upsampling: str = "bilinear"
+    bilateral_sigma: float = 10.0
 
     def __post_init__(self):
         if (isinstance(self.num_seeds, bool) or not isinstance(self.num_seeds, numbers.Integral)
@@ -74,6 +86,13 @@ class InferenceConfig:
         self.taus = tuple(float(t) for t in self.taus)
         if not _is_real(self.score_threshold) or not 0 <= self.score_threshold <= 1:
             _config_error("score_threshold", self.score_threshold, "must be in [0, 1]")
+        if self.mask_upsampling not in MASK_UPSAMPLING:
+            _config_error("mask_upsampling", self.mask_upsampling,
+                          f"must be one of {', '.join(MASK_UPSAMPLING)}")
+        if (not _is_real(self.bilateral_sigma) or not math.isfinite(self.bilateral_sigma)
+                or self.bilateral_sigma <= 0):
+            _config_error("bilateral_sigma", self.bilateral_sigma, "must be a finite number > 0")
+        self.bilateral_sigma = float(self.bilateral_sigma)
         if self.nms_iou_threshold is not None and (
                 not _is_real(self.nms_iou_threshold) or not 0 <= self.nms_iou_threshold <= 1):
             _config_error("nms_iou_threshold", self.nms_iou_threshold,
@@ -311,7 +330,8 @@ def seed_classes_and_scores(class_probs: tf.Tensor, seed_indices: tf.Tensor
 def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
                       image_size: Sequence[int] | tf.Tensor,
                       config: InferenceConfig | None = None,
-                      valid_pixels: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+                      valid_pixels: tf.Tensor | None = None,
+                      images: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
     """Instance masks, classes and scores for a batch, at the input image's resolution.
 
     Seeds, classes, scores and masks are computed at the heads' resolution as in the
@@ -341,6 +361,8 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
       config: an `InferenceConfig`; the paper's defaults when None.
       valid_pixels: optional bool [batch, h, w], the heads pixels that may seed a
         detection (see `select_seeds`); None: all.
+      images: [batch, H, W, 3] RGB in [0, 255] at `image_size`, a multiple of (h, w);
+        needed only by `config.mask_upsampling="joint_bilateral"`.
 
     Returns:
       A dict of
@@ -389,7 +411,20 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
             tf.gather(x, order, batch_dims=1)
             for x in (seeds, scores, classes, taus, keep, margins))
 
-    masks, instance_map = _full_resolution_masks(margins, keep, image_size)
+    draw = None
+    if config.mask_upsampling == "joint_bilateral":
+        if images is None:
+            raise ValueError('InferenceConfig.mask_upsampling="joint_bilateral" needs the '
+                             "images: pass images= to predict_instances")
+        images = _as_float(images, "images", rank=4)
+        heads_size = tf.shape(margins)[2:4]
+        tables, cells = mask_upsampling.bilateral_tables(images, heads_size,
+                                                         config.bilateral_sigma)
+
+        def draw(mask):
+            return mask_upsampling.draw_mask(mask, tables, cells, image_size)
+
+    masks, instance_map = _full_resolution_masks(margins, keep, image_size, draw)
 
     return {
         "num_detections": tf.reduce_sum(tf.cast(keep, tf.int32), axis=-1),
@@ -402,7 +437,7 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
     }
 
 
-def _full_resolution_masks(margins: tf.Tensor, keep: tf.Tensor, size
+def _full_resolution_masks(margins: tf.Tensor, keep: tf.Tensor, size, draw=None
                            ) -> tuple[tf.Tensor, tf.Tensor]:
     """Masks at `size = (H, W)` from heads-resolution margins, and the instance map.
 
@@ -424,25 +459,31 @@ def _full_resolution_masks(margins: tf.Tensor, keep: tf.Tensor, size
       keep: bool [batch, K], True before False in every image; masks of other
         detections are empty.
       size: (H, W), ints or int32 tensors.
+      draw: optional `bool [batch, h, w] -> bool [batch, H, W]` that draws one mask at
+        the input resolution instead (the joint bilateral one of `mask_upsampling`).
 
     Returns:
       (bool [batch, K, H, W], int32 [batch, H, W] with 1-based detection indices).
     """
     shape = tf.shape(margins)
     num_seeds = margins.shape[1]
-    row_low, row_high, row_frac = _interpolation(shape[2], size[0])
-    row_frac = row_frac[:, None]
-    col_low, col_high, col_frac = _interpolation(shape[3], size[1])
-    columns = (tf.one_hot(col_low, shape[3]) * (1.0 - col_frac)[:, None]
-               + tf.one_hot(col_high, shape[3]) * col_frac[:, None])  # [W, w]
     instance_map = tf.zeros(tf.stack([shape[0], size[0], size[1]]), tf.int32)
+    if draw is None:
+        row_low, row_high, row_frac = mask_upsampling.interpolation(shape[2], size[0])
+        row_frac = row_frac[:, None]
+        col_low, col_high, col_frac = mask_upsampling.interpolation(shape[3], size[1])
+        columns = (tf.one_hot(col_low, shape[3]) * (1.0 - col_frac)[:, None]
+                   + tf.one_hot(col_high, shape[3]) * col_frac[:, None])  # [W, w]
+
+        def draw(seed_mask):  # bool [B, h, w] -> bool [B, H, W]
+            seed_mask = tf.cast(seed_mask, tf.float32)
+            rows = ((1.0 - row_frac) * tf.gather(seed_mask, row_low, axis=1)
+                    + row_frac * tf.gather(seed_mask, row_high, axis=1))  # [B, H, w]
+            full = tf.matmul(tf.reshape(rows, [-1, shape[3]]), columns, transpose_b=True)
+            return tf.reshape(full, tf.shape(instance_map)) >= 0.5
 
     def step(k, masks, instance_map):
-        seed_mask = tf.cast(tf.gather(margins, k, axis=1) >= 0, tf.float32)  # [B, h, w]
-        rows = ((1.0 - row_frac) * tf.gather(seed_mask, row_low, axis=1)
-                + row_frac * tf.gather(seed_mask, row_high, axis=1))  # [B, H, w]
-        full = tf.matmul(tf.reshape(rows, [-1, shape[3]]), columns, transpose_b=True)
-        mask = tf.logical_and(tf.reshape(full, tf.shape(instance_map)) >= 0.5,
+        mask = tf.logical_and(draw(tf.gather(margins, k, axis=1) >= 0),
                               tf.gather(keep, k, axis=1)[:, None, None])
         return k - 1, masks.write(k, mask), tf.where(mask, k + 1, instance_map)
 
@@ -460,16 +501,6 @@ def _full_resolution_masks(margins: tf.Tensor, keep: tf.Tensor, size
         lambda k, *_: k >= 0, step, (num_resized - 1, masks, instance_map))
     masks = masks.stack()  # [K, B, H, W]
     return tf.transpose(masks, [1, 0, 2, 3]), instance_map
-
-
-def _interpolation(in_size, out_size) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Source pixels (low, high) and weight of `high` for each output pixel of an axis."""
-    scale = tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32)
-    source = (tf.cast(tf.range(out_size), tf.float32) + 0.5) * scale - 0.5
-    source = tf.clip_by_value(source, 0.0, tf.cast(in_size - 1, tf.float32))
-    low = tf.cast(tf.floor(source), tf.int32)
-    high = tf.minimum(low + 1, in_size - 1)
-    return low, high, source - tf.cast(low, tf.float32)
 
 
 def _suppress_duplicates(masks: tf.Tensor, candidate: tf.Tensor,

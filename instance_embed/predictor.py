@@ -114,12 +114,12 @@ def predict_images(model, images: tf.Tensor,
         outputs = model(padded, training=False)
     else:
         outputs = model(padded)
-    return detect(outputs, image_size, tf.shape(padded)[1:3], config)
+    return detect(outputs, image_size, tf.shape(padded)[1:3], config, padded)
 
 
 def detect(network_outputs: Mapping[str, tf.Tensor], image_size: tf.Tensor,
-           padded_size: tf.Tensor, config: inference.InferenceConfig
-           ) -> dict[str, tf.Tensor]:
+           padded_size: tf.Tensor, config: inference.InferenceConfig,
+           padded_images: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
     """The paper's inference on the network's outputs for images padded by `pad_images`.
 
     Split from `predict_images` so that inference settings can be varied on stored
@@ -130,6 +130,9 @@ def detect(network_outputs: Mapping[str, tf.Tensor], image_size: tf.Tensor,
       image_size: int32 [2], the images' (H, W) before padding.
       padded_size: int32 [2], the padded (Hp, Wp) the network saw.
       config: the inference settings.
+      padded_images: `[B, Hp, Wp, 3]`, the images as the network saw them (needed by
+        `config.mask_upsampling="joint_bilateral"`, which draws mask boundaries along
+        their colour edges).
 
     Returns:
       As `predict_images`.
@@ -141,7 +144,7 @@ def detect(network_outputs: Mapping[str, tf.Tensor], image_size: tf.Tensor,
     inside = pixels_inside_image(shape[1:3], image_size, padded_size)
     valid_pixels = tf.broadcast_to(inside[None], shape[:3])
     detections = inference.predict_instances(embeddings, logits, padded_size, config,
-                                             valid_pixels)
+                                             valid_pixels, padded_images)
     detections["detection_masks"] = detections["detection_masks"][
         :, :, :image_size[0], :image_size[1]]
     detections["instance_map"] = detections["instance_map"][

@@ -95,6 +95,11 @@ flags.DEFINE_integer("num_seeds", _INFER.num_seeds, "Seeds (detections) per imag
 flags.DEFINE_float("alpha", _INFER.alpha, "Seed diversity weight (paper: 0.3).")
 flags.DEFINE_float("nms_iou_threshold", None, "Suppress a mask whose IoU with a "
                    "higher-scored one exceeds this (off, as in the paper, when unset).")
+flags.DEFINE_enum("mask_upsampling", _INFER.mask_upsampling, list(inference.MASK_UPSAMPLING),
+                  "How masks reach the image's resolution: bilinear, or joint_bilateral "
+                  "(boundaries follow the image's colour edges).")
+flags.DEFINE_float("bilateral_sigma", _INFER.bilateral_sigma,
+                   "Colour scale (RGB 0-255) of joint_bilateral mask upsampling.")
 flags.DEFINE_float("score_threshold", _INFER.score_threshold,
                    "Drop detections scoring below this (0 keeps all, as in the paper).")
 # Optimisation.
@@ -198,7 +203,8 @@ def config_from_flags() -> configs.ExperimentConfig:
             cls_weight_max=FLAGS.cls_weight_max, taus=taus),
         inference=inference.InferenceConfig(
             num_seeds=FLAGS.num_seeds, alpha=FLAGS.alpha, taus=taus,
-            nms_iou_threshold=FLAGS.nms_iou_threshold, score_threshold=FLAGS.score_threshold),
+            nms_iou_threshold=FLAGS.nms_iou_threshold, score_threshold=FLAGS.score_threshold,
+            mask_upsampling=FLAGS.mask_upsampling, bilateral_sigma=FLAGS.bilateral_sigma),
         train=configs.TrainConfig(
             batch_size=FLAGS.batch_size, train_steps=FLAGS.train_steps,
             learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
