@@ -516,12 +516,33 @@ def test_export_config_overrides_and_validation():
     assert (merged.num_seeds, merged.alpha, merged.score_threshold) == (7, 0.0, 0.2)
     assert merged.nms_iou_threshold is None and merged.taus == base.taus
     assert export.ExportConfig().inference_config(base) == base
+    merged = export.ExportConfig(mask_upsampling="joint_bilateral",
+                                 bilateral_sigma=5.0).inference_config(base)
+    assert (merged.mask_upsampling, merged.bilateral_sigma) == ("joint_bilateral", 5.0)
     for kwargs, pattern in (({"version": 0}, "version"), ({"num_seeds": 70_000}, "num_seeds"),
                             ({"max_image_pixels": 0}, "max_image_pixels"),
                             ({"class_names": "abc"}, "class_names"),
                             ({"class_names": ("a\nb",)}, "class_names")):
         with pytest.raises(ValueError, match=pattern):
             export.ExportConfig(**kwargs)
+
+
+def test_joint_bilateral_export_matches_in_process_model(run_dir, images, tmp_path):
+    # The export override reaches the signatures: same masks as the in-process model
+    # with the same setting, and not the bilinear ones.
+    path = export.export_from_model_dir(
+        str(run_dir), str(tmp_path), export.ExportConfig(mask_upsampling="joint_bilateral"))
+    info_config = export.ExportConfig(mask_upsampling="joint_bilateral")
+    model, config, _ = checkpoints.restore_model(str(run_dir))
+    joint = predictor.make_predict_fn(model, info_config.inference_config(config.inference))
+    bilinear = predictor.make_predict_fn(model, config.inference)
+    signature = tf.saved_model.load(path).signatures[export.SERVING_IMAGES]
+    batch = tf.constant(images["a"][None])
+    actual = {k: v.numpy() for k, v in signature(images=batch).items()}
+    expected = {k: v.numpy() for k, v in joint(batch).items()}
+    assert_outputs_equal(actual, expected)
+    assert not np.array_equal(expected["detection_masks"],
+                              bilinear(batch)["detection_masks"].numpy())
 
 
 def test_export_rejects_inconsistent_settings(run_dir, tmp_path):
