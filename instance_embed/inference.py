@@ -35,8 +35,12 @@ from instance_embed import mask_upsampling
 
 PAPER_TAUS = (0.25, 0.5, 0.75, 0.9)
 MASK_UPSAMPLING = ("bilinear", "joint_bilateral")
-# Greedy seed-selection steps per while-loop iteration (see `select_seeds`).
-_SEED_STEPS_PER_LOOP = 10
+# Greedy seed selection in passes (see `_SeedPasses`): candidates per pass (a multiple
+# of 8), most seeds a pass may certify, and the product size used to update distances
+# after a pass that certified at most that many.
+_SEED_CANDIDATES = 64
+_SEEDS_PER_PASS = 32
+_SMALL_SEED_UPDATE = 8
 _LOWEST = -3.4028234663852886e38  # the lowest finite float32
 
 
@@ -120,8 +124,9 @@ def select_seeds(embeddings: tf.Tensor, seediness: tf.Tensor, num_seeds: int,
     """Greedy diverse seeds: `p_t = argmax_{p unchosen} log S_p + alpha log D(p)` (paper 3.3).
 
     The first seed is the argmax of S. `D(p)` is the squared embedding distance from p
-    to the nearest chosen seed, kept as a running minimum so each step is one pass over
-    the pixels. Ties go to the lowest flattened (row-major) index.
+    to the nearest chosen seed, kept as a running minimum. Ties go to the lowest
+    flattened (row-major) index. The seeds are those of this plain greedy, computed in
+    a few batched passes over the pixels (see `_SeedPasses`).
 
     Zeros are allowed: `log 0 = -inf` (a pixel with S = 0, or at distance 0 from a
     chosen seed, scores -inf); with `alpha = 0` the diversity term is 0 even where
@@ -133,10 +138,10 @@ def select_seeds(embeddings: tf.Tensor, seediness: tf.Tensor, num_seeds: int,
     the candidates (e.g. to the heads pixels that see the image rather than its
     padding); the seeds after the last valid pixel are -1 in the same way.
 
-    Distances are `|e_p|^2 + |e_q|^2 - 2 e_p . e_q` (a matrix-vector product per step,
-    several times faster than differences, most of all under XLA) on embeddings
-    centred on their image mean to limit cancellation; so a pixel whose embedding
-    repeats a chosen seed's may get a tiny positive D instead of exactly 0.
+    Distances are `|e_p|^2 + |e_q|^2 - 2 e_p . e_q` (matrix products, several times
+    faster than differences, most of all under XLA) on embeddings centred on their
+    image mean to limit cancellation; so a pixel whose embedding repeats a chosen
+    seed's may get a tiny positive D instead of exactly 0.
 
     Args:
       embeddings: float [batch, height, width, dim].
@@ -158,88 +163,213 @@ def select_seeds(embeddings: tf.Tensor, seediness: tf.Tensor, num_seeds: int,
     _check_same_spatial(embeddings, "embeddings", seediness, "seediness")
 
     points = _centred_points(embeddings)  # [B, N, d]
-    log_seediness = tf.math.log(tf.reshape(seediness, tf.shape(points)[:2]))  # [B, N]
+    pixel_seediness = tf.reshape(seediness, tf.shape(points)[:2])  # [B, N]
     if valid_pixels is None:
-        allowed = tf.ones_like(log_seediness, tf.bool)
+        allowed = tf.ones_like(pixel_seediness, tf.bool)
     else:
         valid_pixels = tf.convert_to_tensor(valid_pixels)
         if valid_pixels.dtype != tf.bool:
             raise TypeError(f"valid_pixels must be a bool tensor, got {valid_pixels.dtype.name}")
         _check_rank(valid_pixels, "valid_pixels", 3)
         _check_same_spatial(seediness, "seediness", valid_pixels, "valid_pixels")
-        allowed = tf.reshape(valid_pixels, tf.shape(log_seediness))
-    # One image at a time: a 2-D matmul per step is several times faster on CPU than
-    # the batched one (BatchMatMul), and serving batches are small.
+        allowed = tf.reshape(valid_pixels, tf.shape(pixel_seediness))
+    # One image at a time: 2-D matmuls are several times faster on CPU than batched
+    # ones (BatchMatMul), and serving batches are small.
     return tf.map_fn(
         lambda image: _greedy_seeds(*image, num_seeds=num_seeds, alpha=alpha),
-        (points, log_seediness, allowed),
+        (points, pixel_seediness, allowed),
         fn_output_signature=tf.TensorSpec([num_seeds], tf.int32))
 
 
-def _greedy_seeds(points: tf.Tensor, log_seediness: tf.Tensor, allowed: tf.Tensor,
+def _greedy_seeds(points: tf.Tensor, seediness: tf.Tensor, allowed: tf.Tensor,
                   num_seeds: int, alpha: tf.Tensor) -> tf.Tensor:
-    """`select_seeds` of one image: `points [N, d]`, `log_seediness [N]`, `allowed [N]`.
+    """`select_seeds` of one image: `points [N, d]`, `seediness [N]`, `allowed [N]`.
 
-    Returns int32 [num_seeds].
+    Returns int32 [num_seeds]. See `_SeedPasses` for the method.
     """
-    norms = tf.reduce_sum(tf.square(points), axis=-1, keepdims=True)  # [N, 1]
-    ones = tf.ones_like(norms)
-    # Columns a_p = [e_p, |e_p|^2, 1] and rows b_q = [-2 e_q, 1, |e_q|^2] give
-    # b_q . a_p = ||e_p - e_q||^2: one gather and one [1, d+2] x [d+2, N] matmul per step.
-    columns = tf.transpose(tf.concat([points, norms, ones], axis=-1))  # [d + 2, N]
-    seed_rows = tf.concat([-2.0 * points, ones, norms], axis=-1)  # [N, d + 2]
-    log_seediness = log_seediness[tf.newaxis]  # [1, N]: top_k and matmul shapes
-    allowed = allowed[tf.newaxis]
-    pixel_ids = tf.range(tf.shape(points)[0])[tf.newaxis]
+    passes = _SeedPasses(points, seediness, allowed, num_seeds, alpha)
+    return passes.seeds(tf.while_loop(passes.not_done, passes.run, passes.initial_state()))
 
-    def distances_to(index):  # int32 [1] -> [1, N]; may be slightly negative
-        return tf.matmul(tf.gather(seed_rows, index), columns)
 
-    first = _first_argmax(log_seediness, allowed)  # [1]
-    # Pixels that may not be seeds count as chosen from the start.
-    chosen = tf.logical_or(pixel_ids == first, tf.logical_not(allowed))
-    min_dist = distances_to(tf.maximum(first, 0))
+class _SeedPasses:
+    """The greedy of `select_seeds` for one image, in passes that each certify many seeds.
 
-    # The loop runs on a plain TF executor in TF Serving, where every op costs a few
-    # microseconds whatever its size: each step is kept to about ten ops (top_k with
-    # k = 1 is one op and documents lowest-index-first ties), and several steps share
-    # one while-loop iteration to spread the loop's own control-flow ops.
-    def step(chosen, min_dist):
-        # xlogy gives 0 * log 0 = 0, so alpha = 0 ranks by seediness alone. -inf and
-        # NaN scores become the lowest finite float: they tie with each other, lose
-        # to every real score and still beat the chosen pixels (-inf).
-        scores = log_seediness + tf.math.xlogy(alpha, min_dist)
-        scores = tf.where(scores >= _LOWEST, scores, _LOWEST)
-        scores = tf.where(chosen, -math.inf, scores)
-        new = tf.math.top_k(scores, k=1, sorted=False).indices[0]  # [1]
-        chosen = tf.logical_or(chosen, pixel_ids == new)
-        return new, chosen, tf.minimum(min_dist, distances_to(new))
+    The plain greedy rescores all N pixels, `f_p = log S_p + alpha log D(p)`, for every
+    seed. Here each pass
 
-    def steps(count, chosen, min_dist):  # `count` steps unrolled -> [count] seeds
-        new_seeds = []
-        for _ in range(count):
-            new, chosen, min_dist = step(chosen, min_dist)
-            new_seeds.append(new)
-        return tf.concat(new_seeds, axis=0), chosen, min_dist
+    1. scores every pixel with `D` up to date, and takes the C best, the candidates
+       (`top_k`: ties to the lower index). The last of them, `(B, i_B)`, bounds all the
+       others: a non-candidate scores at most B, and if exactly B, its index is above
+       `i_B`;
+    2. runs the greedy among the candidates only, from their `[C, C]` distances, and
+       keeps its picks for as long as each one beats `(B, i_B)`: a higher score, or B
+       with a lower index;
+    3. brings `D` up to date with those seeds, in one `[r, d + 2] x [d + 2, N]` product.
 
-    num_loops, remainder = divmod(num_seeds - 1, _SEED_STEPS_PER_LOOP)
-    parts = [first]
-    if num_loops:
-        def body(i, written, chosen, min_dist):
-            new_seeds, chosen, min_dist = steps(_SEED_STEPS_PER_LOOP, chosen, min_dist)
-            return i + 1, written.write(i, new_seeds), chosen, min_dist
+    Why this is exact: `D` is a running minimum and `f` is non-decreasing in `D`, so no
+    pixel's score ever rises. Until the next pass, a non-candidate therefore still
+    scores at most B (with the index condition on a tie), while the candidates' scores
+    are kept exactly. A candidate that beats `(B, i_B)` thus beats every unchosen pixel:
+    it is what the plain greedy picks, ties included. The first pick of a pass is the
+    best candidate, which always qualifies, so every pass makes progress; on the
+    benchmark scene a pass certifies dozens of seeds (benchmarks/seed_selection.py).
+    Step 2 updates a candidate with `f(min(D, x)) = min(f(D), f(x))` (f non-decreasing):
+    its score after picking candidate i is the minimum of its score so far and the
+    precomputed `f` of its distance to i, a gather and a minimum per pick.
 
-        written = tf.TensorArray(tf.int32, size=num_loops,
-                                 element_shape=tf.TensorShape([_SEED_STEPS_PER_LOOP]))
-        _, written, chosen, min_dist = tf.while_loop(
-            lambda i, *_: i < num_loops, body, (tf.constant(0), written, chosen, min_dist))
-        parts.append(tf.reshape(written.stack(), [num_loops * _SEED_STEPS_PER_LOOP]))
-    if remainder:
-        parts.append(steps(remainder, chosen, min_dist)[0])
-    seeds = tf.concat(parts, axis=0)
-    # Once every allowed pixel is chosen, top_k returns chosen ones: those slots are -1.
-    num_allowed = tf.reduce_sum(tf.cast(allowed, tf.int32))
-    return tf.where(tf.range(num_seeds) < num_allowed, seeds, -1)
+    The distances are the expanded `|e_p|^2 + |e_q|^2 - 2 e_p . e_q` of `select_seeds`,
+    from matrix products whose rounding depends on the kernel (eager or graph, one row
+    or many, XLA or not). Two pixels whose scores differ by less than that rounding
+    (about `1e-7 |e|^2` in D) may come out in either order, as they already could
+    between the eager, graph and XLA runs of the one-seed-per-step version (2 of 100
+    scenes like benchmarks/postprocess.py's at 64 x 64, K = 100). Exact ties (equal
+    seediness and distances) are decided by index in every mode: scores are computed on
+    whole SIMD packets only (see `__init__`). (`f` is non-decreasing in floating point
+    too, except that TF's CPU `log` kernel steps one ulp back at a couple of dozen
+    float32 inputs, checked exhaustively; that too only matters for scores equal to the
+    last bit.)
+
+    Cost: a pass is a handful of ops over N pixels, an `[r, d + 2] x [d + 2, N]`
+    product, a `[C, C]` one and three tiny ops per pick, instead of about ten ops over
+    N and a `[1, d + 2] x [d + 2, N]` product per seed.
+
+    Loop state (`initial_state`, `run`), with N' >= N the padded pixel count: `written`
+    int32 (seeds known so far), `seeds` int32 [K + steps] (the first `written` are
+    final), `chosen` bool [N'] (seeds, pixels that may not be seeds and padding),
+    `min_dist` float32 [N'] (`D`).
+    """
+
+    def __init__(self, points: tf.Tensor, seediness: tf.Tensor, allowed: tf.Tensor,
+                 num_seeds: int, alpha: tf.Tensor):
+        self.num_seeds = num_seeds
+        self.num_candidates = _SEED_CANDIDATES
+        # A pass can certify at most C - 1 seeds: the bounding candidate never qualifies.
+        self.steps = max(1, min(_SEEDS_PER_PASS, _SEED_CANDIDATES - 1, num_seeds - 1))
+        self.small_update = min(_SMALL_SEED_UPDATE, self.steps)
+        self.alpha = alpha
+        self.num_pixels = tf.shape(points)[0]
+        # Per-pixel vectors are padded to N', a multiple of 64 and at least C, with
+        # pixels that may not be seeds: top_k then has C values whatever N is, and every
+        # score is computed by the vectorised kernels. (TF's CPU kernels do the last
+        # N mod 16 entries of a tensor with scalar code, whose log can differ in the
+        # last bit: two pixels with equal seediness and distance could then score
+        # differently and an exact tie go to the higher index.) The C x C candidate
+        # scores are whole packets as C is a multiple of 8.
+        padded = (tf.maximum(self.num_pixels, self.num_candidates) + 63) // 64 * 64
+        self.pad = padded - self.num_pixels
+        self.log_seediness = tf.math.log(tf.pad(seediness, [[0, self.pad]]))  # [N']
+        self.allowed = tf.pad(allowed, [[0, self.pad]])  # [N']
+        dim = tf.shape(points)[1]
+        norms = tf.reduce_sum(tf.square(points), axis=-1, keepdims=True)  # [N, 1]
+        # Columns a_p = [e_p, |e_p|^2, 1] and rows b_q = [-2 e_q, 1, |e_q|^2] give
+        # b_q . a_p = ||e_p - e_q||^2. Rows are only needed a few at a time:
+        # b_q = a_q^T to_rows, to_rows scaling by -2 and swapping the last two entries
+        # (one nonzero, -2 or 1, per column: the product is exact).
+        self.columns = tf.transpose(
+            tf.concat([points, norms, tf.ones_like(norms)], axis=-1))  # [d + 2, N]
+        self.to_rows = (
+            tf.linalg.diag(tf.concat([tf.fill([dim], -2.0), tf.zeros([2])], axis=0))
+            + tf.scatter_nd([[dim, dim + 1], [dim + 1, dim]], [1.0, 1.0],
+                            tf.stack([dim + 2, dim + 2])))  # [d + 2, d + 2]
+        self.first = _first_argmax(self.log_seediness[tf.newaxis],
+                                   self.allowed[tf.newaxis])  # [1]
+        self.num_allowed = tf.reduce_sum(tf.cast(allowed, tf.int32))
+        self.limit = tf.minimum(self.num_allowed, num_seeds)
+        self.not_self = tf.where(tf.eye(self.num_candidates, dtype=tf.bool),
+                                 -math.inf, 0.0)  # [C, C]
+
+    def distances(self, pixels: tf.Tensor) -> tf.Tensor:
+        """int32 [r] -> float32 [r, N] squared distances, possibly slightly negative."""
+        columns = tf.gather(self.columns, pixels, axis=1)  # [d + 2, r]
+        return tf.matmul(tf.matmul(columns, self.to_rows, transpose_a=True), self.columns)
+
+    def nearest(self, pixels: tf.Tensor) -> tf.Tensor:
+        """int32 [r] -> float32 [N'], the squared distance to the nearest of `pixels`."""
+        return tf.pad(tf.reduce_min(self.distances(pixels), axis=0), [[0, self.pad]],
+                      constant_values=math.inf)
+
+    def initial_state(self):
+        start = tf.maximum(self.first, 0)  # [1]
+        # Pixels that may not be seeds count as chosen from the start.
+        chosen = tf.tensor_scatter_nd_update(tf.logical_not(self.allowed),
+                                             start[:, tf.newaxis], [True])
+        seeds = tf.concat([self.first, tf.fill([self.num_seeds - 1 + self.steps], -1)], axis=0)
+        return tf.constant(1), seeds, chosen, self.nearest(start)
+
+    def not_done(self, written, *_):
+        return written < self.limit
+
+    def run(self, written, seeds, chosen, min_dist):
+        """One pass: the loop state after it (see the class docstring)."""
+        num_candidates, steps = self.num_candidates, self.steps
+        scores = tf.where(chosen, -math.inf,
+                          _seed_scores(self.log_seediness, min_dist, self.alpha))  # [N']
+        # (1) Reducing all C values (rather than slicing out the last) keeps XLA's
+        # top_k a partial sort; a full sort is many times slower.
+        top = tf.math.top_k(scores, k=num_candidates)
+        bound = tf.reduce_min(top.values)
+        bound_index = tf.reduce_max(tf.where(top.values == bound, top.indices, -1))
+        # Candidates in index order: top_k's lowest-position tie rule in (2) is then
+        # the lowest-index rule. (Indices are >= 0: negating cannot overflow.)
+        candidates = -tf.math.top_k(-top.indices, k=num_candidates).values  # [C]
+        # A padding candidate reads pixel N - 1; scoring -inf, it is only picked once
+        # every allowed pixel is a seed (`seeds` drops those picks).
+        pixels = tf.minimum(candidates, self.num_pixels - 1)
+        columns = tf.gather(self.columns, pixels, axis=1)  # [d + 2, C]
+        candidate_dist = tf.matmul(tf.matmul(columns, self.to_rows, transpose_a=True),
+                                   columns)  # [C, C]
+        # if_chosen[i, j]: candidate j's score were candidate i its nearest seed; -inf
+        # on the diagonal makes a picked candidate chosen.
+        if_chosen = self.not_self + _seed_scores(
+            tf.gather(self.log_seediness, pixels)[tf.newaxis], candidate_dist, self.alpha)
+        # (2) `steps` picks, unrolled: three small ops each.
+        current = tf.gather(scores, candidates)[tf.newaxis]  # [1, C]
+        one = tf.constant(1)
+        values, positions = [], []
+        for _ in range(steps):
+            best = tf.math.top_k(current, k=one)  # [1, 1] values and positions
+            values.append(best.values)
+            positions.append(best.indices)
+            current = tf.minimum(current, tf.gather_nd(if_chosen, best.indices))
+        values = tf.reshape(tf.concat(values, axis=0), [steps])
+        picks = tf.gather(candidates, tf.reshape(tf.concat(positions, axis=0), [steps]))
+        beats_bound = tf.logical_or(values > bound,
+                                    tf.logical_and(values == bound, picks < bound_index))
+        certified = tf.math.cumprod(tf.cast(beats_bound, tf.int32))  # the leading run
+        count = tf.maximum(tf.reduce_sum(certified), 1)  # (the first pick always beats it)
+        # The uncertified picks are written too; the next pass overwrites them.
+        seeds = tf.tensor_scatter_nd_update(
+            seeds, (written + tf.range(steps))[:, tf.newaxis], picks)
+        written += count
+        # (3) The new seeds, padded with repeats of the first (a repeat changes no
+        # minimum). The product has `small_update` rows when that is enough, and is
+        # skipped after the last pass.
+        new = tf.minimum(tf.where(certified > 0, picks, picks[0]), self.num_pixels - 1)
+        chosen = tf.tensor_scatter_nd_update(chosen, new[:, tf.newaxis],
+                                             tf.ones_like(new, tf.bool))
+        update = tf.where(written >= self.limit, 0, tf.where(count <= self.small_update, 1, 2))
+        min_dist = tf.switch_case(update, [
+            lambda: min_dist,
+            lambda: tf.minimum(min_dist, self.nearest(new[:self.small_update])),
+            lambda: tf.minimum(min_dist, self.nearest(new)),
+        ])
+        return written, seeds, chosen, min_dist
+
+    def seeds(self, state) -> tf.Tensor:
+        """int32 [K] from the final loop state: -1 once every allowed pixel is a seed."""
+        seeds = state[1][:self.num_seeds]
+        return tf.where(tf.range(self.num_seeds) < self.num_allowed, seeds, -1)
+
+
+def _seed_scores(log_seediness: tf.Tensor, dist: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
+    """`log S + alpha log D`, broadcast; non-decreasing in `dist`.
+
+    xlogy gives 0 * log 0 = 0, so alpha = 0 ranks by seediness alone. -inf and NaN
+    scores become the lowest finite float: they tie with each other, lose to every
+    real score and still beat the chosen pixels (-inf).
+    """
+    scores = log_seediness + tf.math.xlogy(alpha, dist)
+    return tf.where(scores >= _LOWEST, scores, _LOWEST)
 
 
 def grow_masks(embeddings: tf.Tensor, seed_indices: tf.Tensor, taus: tf.Tensor) -> tf.Tensor:
