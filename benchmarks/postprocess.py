@@ -7,7 +7,9 @@ seeds, this times:
 - ours: `inference.seediness` + `select_seeds` + `seed_classes_and_scores` +
   `grow_masks` in one `tf.function`, plain and with `jit_compile=True`;
 - ours, the whole `predict_instances` (softmax, sorting, masks resized to 512 x 512 and
-  the instance map), the part the exported model runs after the network;
+  the instance map), the part the exported model runs after the network, with
+  bilinear masks (the default) and with joint bilateral masks (on a synthetic image
+  whose colours follow the instances);
 - the same algorithm written straightforwardly in NumPy (per-step vectorised greedy
   loop, masks from one matmul), checked to pick the same seeds;
 - the grouping used by the discriminative-loss family of methods on the same
@@ -30,6 +32,7 @@ Usage: python benchmarks/postprocess.py [--sizes 64,128] [--repeats 10] [--no_sk
 """
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -128,11 +131,20 @@ def make_ours(config, jit):
 
 
 def make_full(config, jit):
-    def predict(embeddings, class_logits):
+    def predict(embeddings, class_logits, images=None):
         return inference.predict_instances(
-            embeddings, class_logits, (IMAGE_SIZE, IMAGE_SIZE), config)
+            embeddings, class_logits, (IMAGE_SIZE, IMAGE_SIZE), config, images=images)
 
     return tf.function(predict, jit_compile=jit, autograph=False)
+
+
+def make_image(rng, labels):
+    """float32 [1, 512, 512, 3]: a colour per instance, upsampled, plus noise."""
+    colours = rng.uniform(0, 255, (NUM_INSTANCES + 1, 3))
+    factor = IMAGE_SIZE // labels.shape[0]
+    image = colours[np.kron(labels, np.ones((factor, factor), np.int32))]
+    image += rng.normal(scale=8.0, size=image.shape)
+    return np.clip(image, 0, 255)[None].astype(np.float32)
 
 
 def time_it(fn, repeats, warmup=2):
@@ -181,6 +193,13 @@ def run(size, dim, config, repeats, with_sklearn, rng):
         seconds = time_it(lambda: {k: v.numpy() for k, v in fn(e_tf, l_tf).items()}, repeats)
         name = f"ours, predict_instances to {IMAGE_SIZE}x{IMAGE_SIZE}" + (", XLA" if jit else "")
         rows.append((name, seconds, "", config.num_seeds))
+    # Joint bilateral drawing of the full-resolution masks (plain graph, as exported).
+    bilateral = make_full(dataclasses.replace(config, mask_upsampling="joint_bilateral"), False)
+    i_tf = tf.constant(make_image(rng, labels))
+    seconds = time_it(
+        lambda: {k: v.numpy() for k, v in bilateral(e_tf, l_tf, i_tf).items()}, repeats)
+    rows.append(("ours, predict_instances, joint bilateral masks", seconds, "",
+                 config.num_seeds))
 
     np_args = (embeddings[0], probs[0], config.num_seeds, config.alpha, config.taus)
     np_seeds, np_masks = numpy_postprocess(*np_args)

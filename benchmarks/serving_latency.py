@@ -11,7 +11,9 @@ detections survive suppression), loads it back as TF Serving would, and times:
   mask growing, what `benchmarks/postprocess.py` times), and its share of
   `serving_default` end to end (issue target: under 10%);
 - all of `predict_instances` (also sorting, classes, full-resolution masks and the
-  instance map).
+  instance map);
+- `serving_default` of a second export with `--jit_compile` (the post-processing as
+  one XLA computation), with bilinear and with joint bilateral masks.
 
 Usage: python benchmarks/serving_latency.py [--backbone light] [--output_stride 8]
        [--repeats 15] [--export_dir /tmp/serving_latency]
@@ -75,6 +77,12 @@ def main():
     path = export.export_saved_model(model, config, export_dir,
                                      export.ExportConfig(overwrite=True, version=1))
     loaded = tf.saved_model.load(path)
+    compiled = {}
+    for version, upsampling in ((2, "bilinear"), (3, "joint_bilateral")):
+        compiled[upsampling] = tf.saved_model.load(export.export_saved_model(
+            model, config, export_dir, export.ExportConfig(
+                overwrite=True, version=version, jit_compile=True,
+                mask_upsampling=upsampling)))
     image, encoded = test_image()
     pixels = tf.constant(image[None])
 
@@ -107,6 +115,12 @@ def main():
         ("serving_compact, JPEG in, PNG map out", lambda: signatures[export.SERVING_COMPACT](
             **{export.BYTES_INPUT: tf.constant([encoded["JPEG"]])})[
                 "instance_map_png_bytes"].numpy()),
+        ("serving_default, JPEG, --jit_compile", lambda: compiled["bilinear"].signatures[
+            export.SERVING_DEFAULT](**{export.BYTES_INPUT: tf.constant([encoded["JPEG"]])})[
+                "instance_map"].numpy()),
+        ("same, joint bilateral masks", lambda: compiled["joint_bilateral"].signatures[
+            export.SERVING_DEFAULT](**{export.BYTES_INPUT: tf.constant([encoded["JPEG"]])})[
+                "instance_map"].numpy()),
         ("network alone", lambda: network(tf.cast(pixels, tf.float32))["embeddings"].numpy()),
         ("predict_instances (all post-processing)",
          lambda: full_postprocess(embeddings, logits)["instance_map"].numpy()),

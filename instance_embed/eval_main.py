@@ -46,6 +46,9 @@ flags.DEFINE_enum("mask_upsampling", None, ["bilinear", "joint_bilateral"],
                   "Override: how masks reach the image's resolution (checkpoint mode).")
 flags.DEFINE_float("bilateral_sigma", None,
                    "Override: colour scale of joint_bilateral (checkpoint mode).")
+flags.DEFINE_boolean("jit_compile", None,
+                     "Override: post-processing as one XLA computation (checkpoint mode; "
+                     "compiled once per image size).")
 flags.DEFINE_boolean("ignore_as_background", False,
                      "Count void (-1) pixels as background in IoU (FCIS-style).")
 flags.DEFINE_boolean("use_07_metric", False, "VOC07 11-point AP (as MNC/FCIS printed).")
@@ -54,7 +57,7 @@ flags.DEFINE_boolean("use_07_metric", False, "VOC07 11-point AP (as MNC/FCIS pri
 def _inference_overrides(inference_config):
     overrides = {}
     for name in ("num_seeds", "alpha", "score_threshold", "mask_upsampling",
-                 "bilateral_sigma"):
+                 "bilateral_sigma", "jit_compile"):
         if FLAGS[name].value is not None:
             overrides[name] = FLAGS[name].value
     if FLAGS.nms_iou_threshold is not None:

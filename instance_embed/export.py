@@ -120,6 +120,9 @@ class ExportConfig:
         suppression off.
       mask_upsampling: "bilinear" or "joint_bilateral" (see `inference.InferenceConfig`).
       bilateral_sigma: colour scale of "joint_bilateral".
+      jit_compile: post-processing as one XLA computation (see
+        `inference.InferenceConfig`); TF Serving then needs
+        `--xla_cpu_compilation_enabled=true`, and compiles once per input size.
       max_image_pixels: requests with an image of more pixels (height x width, read
         from the file header) are rejected. Memory grows with K x pixels: the
         full-resolution masks alone take K x H x W bytes.
@@ -136,6 +139,7 @@ class ExportConfig:
     nms_iou_threshold: float | None = None
     mask_upsampling: str | None = None
     bilateral_sigma: float | None = None
+    jit_compile: bool | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     class_names: tuple[str, ...] | None = None
 
@@ -168,7 +172,7 @@ class ExportConfig:
         """`base` (the run's settings) with this config's overrides applied."""
         overrides = {name: getattr(self, name)
                      for name in ("num_seeds", "alpha", "taus", "score_threshold",
-                                  "mask_upsampling", "bilateral_sigma")
+                                  "mask_upsampling", "bilateral_sigma", "jit_compile")
                      if getattr(self, name) is not None}
         if self.nms_iou_threshold is not None:
             overrides["nms_iou_threshold"] = (

@@ -37,6 +37,10 @@ flags.DEFINE_float("nms_iou_threshold", None, "Override: near-duplicate suppress
 flags.DEFINE_enum("mask_upsampling", None, ["bilinear", "joint_bilateral"],
                   "Override: how masks reach the image's resolution.")
 flags.DEFINE_float("bilateral_sigma", None, "Override: colour scale of joint_bilateral.")
+flags.DEFINE_boolean("jit_compile", None,
+                     "Override: run the post-processing after the network as one XLA "
+                     "computation (faster on CPU, compiled again for each new input size; "
+                     "TF Serving needs --xla_cpu_compilation_enabled=true).")
 flags.DEFINE_integer("max_image_pixels", export.DEFAULT_MAX_IMAGE_PIXELS,
                      "Requests with an image of more pixels (height x width) are rejected.")
 flags.DEFINE_list("class_names", None, "Class names (default: the run's dataset's).")
@@ -56,7 +60,7 @@ def main(argv):
             taus=None if FLAGS.taus is None else tuple(float(t) for t in FLAGS.taus),
             score_threshold=FLAGS.score_threshold, nms_iou_threshold=FLAGS.nms_iou_threshold,
             mask_upsampling=FLAGS.mask_upsampling, bilateral_sigma=FLAGS.bilateral_sigma,
-            max_image_pixels=FLAGS.max_image_pixels,
+            jit_compile=FLAGS.jit_compile, max_image_pixels=FLAGS.max_image_pixels,
             class_names=None if FLAGS.class_names is None else tuple(FLAGS.class_names))
         path = export.export_from_model_dir(FLAGS.model_dir, FLAGS.export_dir, config)
     except (FileNotFoundError, FileExistsError, ValueError) as e:

@@ -15,6 +15,8 @@ SavedModel's signatures (`export.py`) and `predict_main` (through the SavedModel
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Mapping
 
 import keras
@@ -143,8 +145,13 @@ def detect(network_outputs: Mapping[str, tf.Tensor], image_size: tf.Tensor,
     shape = tf.shape(embeddings)
     inside = pixels_inside_image(shape[1:3], image_size, padded_size)
     valid_pixels = tf.broadcast_to(inside[None], shape[:3])
-    detections = inference.predict_instances(embeddings, logits, padded_size, config,
-                                             valid_pixels, padded_images)
+    if config.jit_compile:
+        predict_instances = _compiled_predict_instances(dataclasses.astuple(config))
+        detections = predict_instances(embeddings, logits, padded_size, valid_pixels,
+                                       padded_images)
+    else:
+        detections = inference.predict_instances(embeddings, logits, padded_size, config,
+                                                 valid_pixels, padded_images)
     detections["detection_masks"] = detections["detection_masks"][
         :, :, :image_size[0], :image_size[1]]
     detections["instance_map"] = detections["instance_map"][
@@ -152,6 +159,24 @@ def detect(network_outputs: Mapping[str, tf.Tensor], image_size: tf.Tensor,
     detections["embeddings"] = embeddings
     detections["class_probs"] = tf.nn.softmax(logits, axis=-1)
     return detections
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_predict_instances(config_fields: tuple):
+    """`inference.predict_instances` under XLA for one `InferenceConfig` (its fields).
+
+    One `tf.function` per config, so that XLA's compilation cache (keyed by function
+    and input shapes) is reused across calls; `padded_size` is a compile-time constant
+    of each compilation.
+    """
+    config = inference.InferenceConfig(*config_fields)
+
+    @tf.function(jit_compile=True, autograph=False)
+    def predict_instances(embeddings, logits, padded_size, valid_pixels, padded_images):
+        return inference.predict_instances(embeddings, logits, padded_size, config,
+                                           valid_pixels, padded_images)
+
+    return predict_instances
 
 
 def make_predict_fn(model: keras.Model, config: inference.InferenceConfig,

@@ -519,6 +519,7 @@ def test_export_config_overrides_and_validation():
     merged = export.ExportConfig(mask_upsampling="joint_bilateral",
                                  bilateral_sigma=5.0).inference_config(base)
     assert (merged.mask_upsampling, merged.bilateral_sigma) == ("joint_bilateral", 5.0)
+    assert export.ExportConfig(jit_compile=True).inference_config(base).jit_compile is True
     for kwargs, pattern in (({"version": 0}, "version"), ({"num_seeds": 70_000}, "num_seeds"),
                             ({"max_image_pixels": 0}, "max_image_pixels"),
                             ({"class_names": "abc"}, "class_names"),
@@ -543,6 +544,38 @@ def test_joint_bilateral_export_matches_in_process_model(run_dir, images, tmp_pa
     assert_outputs_equal(actual, expected)
     assert not np.array_equal(expected["detection_masks"],
                               bilinear(batch)["detection_masks"].numpy())
+
+
+def test_jit_compiled_export_matches_plain_model_and_runs_in_tf1_loader(
+        run_dir, reference, images, tmp_path):
+    # Post-processing under XLA gives the plain model's detections, for one image and
+    # for a batch of two sizes (each image on its own, a compilation per size), and
+    # the TF1 loader TF Serving uses runs it (pip TensorFlow links the XLA CPU JIT).
+    path = export.export_from_model_dir(str(run_dir), str(tmp_path),
+                                        export.ExportConfig(jit_compile=True))
+    loaded = tf.saved_model.load(path)
+    actual = loaded.signatures[export.SERVING_IMAGES](images=tf.constant(images["a"][None]))
+    assert_outputs_equal({k: v.numpy() for k, v in actual.items()}, reference(images["a"][None]))
+    encoded = tf.constant([encode(images["a"], "PNG"), encode(images["b"], "PNG")])
+    batch = loaded.signatures[export.SERVING_DEFAULT](image_bytes=encoded)
+    for i, name in enumerate("ab"):
+        expected = reference(images[name][None])
+        height, width = images[name].shape[:2]
+        one = {key: batch[key].numpy()[i:i + 1] for key in export.DENSE_OUTPUTS}
+        one["detection_masks"] = one["detection_masks"][:, :, :height, :width]
+        one["instance_map"] = one["instance_map"][:, :height, :width]
+        assert_outputs_equal(one, expected)
+
+    images_file = tmp_path / "images.npy"
+    np.save(images_file, images["b"][None])
+    completed = subprocess.run(
+        saved_model_cli() + ["run", "--dir", path, "--tag_set", "serve", "--signature_def",
+                             "serving_images", "--inputs", f"images={images_file}",
+                             "--outdir", str(tmp_path / "cli"), "--overwrite"],
+        capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert_outputs_equal(_load_outdir(tmp_path / "cli"), reference(images["b"][None]))
 
 
 def test_export_rejects_inconsistent_settings(run_dir, tmp_path):

@@ -235,6 +235,7 @@ def test_config_defaults_follow_the_paper():
     assert config.taus == (0.25, 0.5, 0.75, 0.9)
     assert config.score_threshold == 0.0
     assert config.nms_iou_threshold is None
+    assert config.jit_compile is False
     assert inference.InferenceConfig(taus=[0.5, 1]).taus == (0.5, 1.0)
 
 
@@ -242,7 +243,7 @@ def test_config_defaults_follow_the_paper():
     ("num_seeds", 0), ("num_seeds", 2.5), ("num_seeds", True),
     ("alpha", -0.1), ("alpha", float("inf")), ("alpha", "0.3"),
     ("taus", ()), ("taus", (0.0, 0.5)), ("taus", (0.5, 1.5)), ("taus", "0.5"),
-    ("score_threshold", -0.5), ("score_threshold", 2.0),
+    ("score_threshold", -0.5), ("score_threshold", 2.0), ("jit_compile", "yes"),
     ("nms_iou_threshold", 1.5), ("nms_iou_threshold", -0.1),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value):

@@ -56,8 +56,9 @@ def test_eval_main_checkpoint_and_saved_model_agree(trained_run, tmp_path):
 
 def test_eval_main_overrides_inference_settings(trained_run, tmp_path):
     data_dir, manual, model_dir = trained_run
+    # (--jit_compile: the same post-processing compiled by XLA.)
     out = _run("instance_embed.eval_main", f"--model_dir={model_dir}", "--num_seeds=1",
-               f"--output_dir={tmp_path}", "--split=validation")
+               "--jit_compile", f"--output_dir={tmp_path}", "--split=validation")
     assert "AP^r" in out.stdout + out.stderr
     # One seed per image: at most one detection, so recall cannot grow with proposals.
     metrics = json.load(open(tmp_path / "metrics.json"))
