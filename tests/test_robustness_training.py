@@ -292,14 +292,17 @@ _TWO_DEVICES_MAIN = textwrap.dedent("""
         [tf.config.LogicalDeviceConfiguration()] * 2)
     from instance_embed import train_main
     sys.argv = ["train_main", "--model_dir={model_dir}", "--strategy=mirrored",
-                "--batch_size=3", "--image_size=64"]
+                "--batch_size=3", "--image_size=64", "--data_dir={data_dir}",
+                "--builder_config=tiny"]
     train_main.run()
 """)
 
 
 def test_train_main_refuses_a_batch_that_does_not_split_over_replicas(tmp_path):
     model_dir = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-c", _TWO_DEVICES_MAIN.format(model_dir=model_dir)],
+    # (The tiny dataset in tmp_path: the default one would be prepared in the repository.)
+    script = _TWO_DEVICES_MAIN.format(model_dir=model_dir, data_dir=tmp_path / "tfds")
+    out = subprocess.run([sys.executable, "-c", script],
                          capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
     assert out.returncode == 1, out.stderr[-3000:]
     assert ("--batch_size=3: must be divisible by the number of replicas (2) of strategy "
