@@ -42,6 +42,9 @@ flags.DEFINE_float("score_threshold", None, "Override: drop detections below (ch
 flags.DEFINE_float("nms_iou_threshold", None,
                    "Override: near-duplicate suppression IoU (checkpoint mode); <0 turns "
                    "it off.")
+flags.DEFINE_float("support_rescoring", None,
+                   "Override: scale kept scores by min(1, suppressed duplicates + 1 / this); "
+                   "0 turns it off (checkpoint mode).")
 flags.DEFINE_enum("mask_upsampling", None, ["bilinear", "joint_bilateral"],
                   "Override: how masks reach the image's resolution (checkpoint mode).")
 flags.DEFINE_float("bilateral_sigma", None,
@@ -56,7 +59,7 @@ flags.DEFINE_boolean("use_07_metric", False, "VOC07 11-point AP (as MNC/FCIS pri
 
 def _inference_overrides(inference_config):
     overrides = {}
-    for name in ("num_seeds", "alpha", "score_threshold", "mask_upsampling",
+    for name in ("num_seeds", "alpha", "score_threshold", "support_rescoring", "mask_upsampling",
                  "bilateral_sigma", "jit_compile"):
         if FLAGS[name].value is not None:
             overrides[name] = FLAGS[name].value

@@ -118,6 +118,8 @@ class ExportConfig:
       score_threshold: detections scoring below it are invalid.
       nms_iou_threshold: near-duplicate suppression IoU; a negative value turns
         suppression off.
+      support_rescoring: scores scaled by the duplicates each detection suppressed
+        (see `inference.InferenceConfig`); 0 turns it off.
       mask_upsampling: "bilinear" or "joint_bilateral" (see `inference.InferenceConfig`).
       bilateral_sigma: colour scale of "joint_bilateral".
       jit_compile: post-processing as one XLA computation (see
@@ -137,6 +139,7 @@ class ExportConfig:
     taus: tuple[float, ...] | None = None
     score_threshold: float | None = None
     nms_iou_threshold: float | None = None
+    support_rescoring: float | None = None
     mask_upsampling: str | None = None
     bilateral_sigma: float | None = None
     jit_compile: bool | None = None
@@ -172,6 +175,7 @@ class ExportConfig:
         """`base` (the run's settings) with this config's overrides applied."""
         overrides = {name: getattr(self, name)
                      for name in ("num_seeds", "alpha", "taus", "score_threshold",
+                                  "support_rescoring",
                                   "mask_upsampling", "bilateral_sigma", "jit_compile")
                      if getattr(self, name) is not None}
         if self.nms_iou_threshold is not None:

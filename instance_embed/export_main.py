@@ -34,6 +34,9 @@ flags.DEFINE_float("score_threshold", None, "Override: detections scoring below 
                    "invalid.")
 flags.DEFINE_float("nms_iou_threshold", None, "Override: near-duplicate suppression IoU; "
                    "<0 turns suppression off.")
+flags.DEFINE_float("support_rescoring", None,
+                   "Override: scale kept scores by min(1, suppressed duplicates + 1 / this); "
+                   "0 turns it off.")
 flags.DEFINE_enum("mask_upsampling", None, ["bilinear", "joint_bilateral"],
                   "Override: how masks reach the image's resolution.")
 flags.DEFINE_float("bilateral_sigma", None, "Override: colour scale of joint_bilateral.")
@@ -59,6 +62,7 @@ def main(argv):
             alpha=FLAGS.alpha,
             taus=None if FLAGS.taus is None else tuple(float(t) for t in FLAGS.taus),
             score_threshold=FLAGS.score_threshold, nms_iou_threshold=FLAGS.nms_iou_threshold,
+            support_rescoring=FLAGS.support_rescoring,
             mask_upsampling=FLAGS.mask_upsampling, bilateral_sigma=FLAGS.bilateral_sigma,
             jit_compile=FLAGS.jit_compile, max_image_pixels=FLAGS.max_image_pixels,
             class_names=None if FLAGS.class_names is None else tuple(FLAGS.class_names))

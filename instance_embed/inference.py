@@ -59,6 +59,10 @@ class InferenceConfig:
       nms_iou_threshold: when set, a mask whose IoU with a higher-scored kept mask
         exceeds it is dropped (near-duplicate suppression, IoU measured at the heads'
         resolution). None disables it (paper).
+      support_rescoring: with suppression on, each kept detection's score is scaled by
+        `min(1, n / support_rescoring)`, where n counts the detections it suppressed
+        plus itself: an instance draws many seeds whose masks nearly coincide, a
+        spurious or poor mask few. 0 (default, the paper's scoring) turns it off.
       mask_upsampling: how masks reach the input resolution (see `mask_upsampling`):
         "bilinear" (the 0/1 mask resized bilinearly, boundaries on the stride-cell
         grid) or "joint_bilateral" (boundaries inside a cell follow the image's colour
@@ -78,6 +82,7 @@ class InferenceConfig:
     taus: tuple[float, ...] = PAPER_TAUS
     score_threshold: float = 0.0
     nms_iou_threshold: float | None = None
+    support_rescoring: float = 0.0
     mask_upsampling: str = "bilinear"
     bilateral_sigma: float = 10.0
     jit_compile: bool = False
@@ -109,6 +114,14 @@ class InferenceConfig:
                 not _is_real(self.nms_iou_threshold) or not 0 <= self.nms_iou_threshold <= 1):
             _config_error("nms_iou_threshold", self.nms_iou_threshold,
                           "must be None (off) or in [0, 1]")
+        if (not _is_real(self.support_rescoring) or not math.isfinite(self.support_rescoring)
+                or self.support_rescoring < 0):
+            _config_error("support_rescoring", self.support_rescoring,
+                          "must be a finite number >= 0 (0: off)")
+        self.support_rescoring = float(self.support_rescoring)
+        if self.support_rescoring > 0 and self.nms_iou_threshold is None:
+            _config_error("support_rescoring", self.support_rescoring,
+                          "counts suppressed duplicates: set nms_iou_threshold too")
 
 
 def seediness(class_probs: tf.Tensor) -> tf.Tensor:
@@ -541,9 +554,11 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
     margins = mask_margins(embeddings, seeds, taus)  # [B, K, h, w]
     keep = candidate
     if config.nms_iou_threshold is not None:
-        keep = _suppress_duplicates(
+        keep, support = _suppress_duplicates(
             tf.logical_and(margins >= 0, (seeds >= 0)[:, :, None, None]), candidate,
             config.nms_iou_threshold)
+        if config.support_rescoring > 0:
+            scores *= tf.minimum(1.0, tf.cast(support, tf.float32) / config.support_rescoring)
         order = _descending_order(tf.where(keep, scores, -1.0))
         seeds, scores, classes, taus, keep, margins = (
             tf.gather(x, order, batch_dims=1)
@@ -651,7 +666,9 @@ def _suppress_duplicates(masks: tf.Tensor, candidate: tf.Tensor,
       iou_threshold: a mask is dropped when its IoU with a kept earlier one exceeds it.
 
     Returns:
-      bool [batch, K], the kept detections.
+      (bool [batch, K], the kept detections; int32 [batch, K], the support of each kept
+      detection: 1 plus the candidates it suppressed, a suppressed candidate counting
+      for the first kept mask that overlaps it; 0 for the others).
     """
     shape = tf.shape(masks)
     num_seeds = masks.shape[1]
@@ -673,7 +690,16 @@ def _suppress_duplicates(masks: tf.Tensor, candidate: tf.Tensor,
 
     _, keep = tf.while_loop(lambda i, _: i < num_seeds, step,
                             (tf.constant(0), tf.zeros_like(candidate)))
-    return keep
+    # owns[i, j]: kept i overlaps suppressed candidate j; j counts for its first owner.
+    owns = tf.logical_and(
+        tf.logical_and(overlapping, keep[:, :, None]),
+        tf.logical_and(candidate, tf.logical_not(keep))[:, None, :])  # [B, K, K]
+    owner = tf.argmax(tf.cast(owns, tf.int32), axis=1, output_type=tf.int32)  # [B, K]
+    owned = tf.cast(tf.reduce_any(owns, axis=1), tf.int32)
+    suppressed_counts = tf.reduce_sum(
+        tf.one_hot(owner, num_seeds, dtype=tf.int32) * owned[:, :, None], axis=1)
+    support = tf.where(keep, 1 + suppressed_counts, 0)
+    return keep, support
 
 
 def _descending_order(keys: tf.Tensor) -> tf.Tensor:

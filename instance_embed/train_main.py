@@ -95,6 +95,10 @@ flags.DEFINE_integer("num_seeds", _INFER.num_seeds, "Seeds (detections) per imag
 flags.DEFINE_float("alpha", _INFER.alpha, "Seed diversity weight (paper: 0.3).")
 flags.DEFINE_float("nms_iou_threshold", None, "Suppress a mask whose IoU with a "
                    "higher-scored one exceeds this (off, as in the paper, when unset).")
+flags.DEFINE_float("support_rescoring", _INFER.support_rescoring,
+                   "With --nms_iou_threshold: scale each kept detection's score by "
+                   "min(1, n / this), n = the detections it suppressed plus itself "
+                   "(0: off, the paper's scores).")
 flags.DEFINE_enum("mask_upsampling", _INFER.mask_upsampling, list(inference.MASK_UPSAMPLING),
                   "How masks reach the image's resolution: bilinear, or joint_bilateral "
                   "(boundaries follow the image's colour edges).")
@@ -204,7 +208,7 @@ def config_from_flags() -> configs.ExperimentConfig:
         inference=inference.InferenceConfig(
             num_seeds=FLAGS.num_seeds, alpha=FLAGS.alpha, taus=taus,
             nms_iou_threshold=FLAGS.nms_iou_threshold, score_threshold=FLAGS.score_threshold,
-            mask_upsampling=FLAGS.mask_upsampling, bilateral_sigma=FLAGS.bilateral_sigma),
+            support_rescoring=FLAGS.support_rescoring, mask_upsampling=FLAGS.mask_upsampling, bilateral_sigma=FLAGS.bilateral_sigma),
         train=configs.TrainConfig(
             batch_size=FLAGS.batch_size, train_steps=FLAGS.train_steps,
             learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,

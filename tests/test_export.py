@@ -520,6 +520,9 @@ def test_export_config_overrides_and_validation():
                                  bilateral_sigma=5.0).inference_config(base)
     assert (merged.mask_upsampling, merged.bilateral_sigma) == ("joint_bilateral", 5.0)
     assert export.ExportConfig(jit_compile=True).inference_config(base).jit_compile is True
+    assert export.ExportConfig(support_rescoring=8).inference_config(base).support_rescoring == 8
+    with pytest.raises(ValueError, match="support_rescoring"):  # needs suppression
+        export.ExportConfig(support_rescoring=8, nms_iou_threshold=-1).inference_config(base)
     for kwargs, pattern in (({"version": 0}, "version"), ({"num_seeds": 70_000}, "num_seeds"),
                             ({"max_image_pixels": 0}, "max_image_pixels"),
                             ({"class_names": "abc"}, "class_names"),

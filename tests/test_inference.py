@@ -5,6 +5,7 @@ share no code with the module. Masks are compared away from the threshold bounda
 where float32 and float64 distances may legitimately disagree.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -236,6 +237,9 @@ def test_config_defaults_follow_the_paper():
     assert config.score_threshold == 0.0
     assert config.nms_iou_threshold is None
     assert config.jit_compile is False
+    assert config.support_rescoring == 0.0
+    with pytest.raises(ValueError, match="set nms_iou_threshold too"):
+        inference.InferenceConfig(support_rescoring=5.0)
     assert inference.InferenceConfig(taus=[0.5, 1]).taus == (0.5, 1.0)
 
 
@@ -244,6 +248,7 @@ def test_config_defaults_follow_the_paper():
     ("alpha", -0.1), ("alpha", float("inf")), ("alpha", "0.3"),
     ("taus", ()), ("taus", (0.0, 0.5)), ("taus", (0.5, 1.5)), ("taus", "0.5"),
     ("score_threshold", -0.5), ("score_threshold", 2.0), ("jit_compile", "yes"),
+    ("support_rescoring", -1.0), ("support_rescoring", float("nan")),
     ("nms_iou_threshold", 1.5), ("nms_iou_threshold", -0.1),
 ])
 def test_config_rejects_bad_values_naming_the_field(field, value):
@@ -636,6 +641,44 @@ def test_suppression_of_partially_overlapping_masks_matches_numpy():
     assert out["num_detections"].max() < 20
 
 
+def test_support_rescoring_matches_numpy():
+    # All detections without suppression (image size = heads size: the masks are the
+    # heads' masks), then greedy suppression, support counts and rescoring in NumPy.
+    rng = np.random.default_rng(12)
+    embeddings, logits = random_inputs(rng, batch=2, h=10, w=12, d=3)
+    embeddings *= 0.4
+    threshold, support_seeds = 0.4, 3.0
+    config = inference.InferenceConfig(num_seeds=20, nms_iou_threshold=threshold,
+                                       support_rescoring=support_seeds)
+    everything = to_numpy(inference.predict_instances(
+        embeddings, logits, (10, 12), dataclasses.replace(
+            config, nms_iou_threshold=None, support_rescoring=0.0)))
+    out = to_numpy(inference.predict_instances(embeddings, logits, (10, 12), config))
+    reordered = 0
+    for b in range(2):
+        masks, scores = everything["detection_masks"][b], everything["detection_scores"][b]
+        seeds = everything["seed_indices"][b]
+        kept, support = [], {}
+        for j in range(20):
+            owners = [i for i in kept if np_iou(masks[i], masks[j]) > threshold]
+            if owners:
+                support[owners[0]] += 1
+            else:
+                kept.append(j)
+                support[j] = 1
+        rescored = {i: scores[i] * min(1.0, support[i] / support_seeds) for i in kept}
+        order = sorted(kept, key=lambda i: (-rescored[i], i))
+        n = len(kept)
+        assert out["num_detections"][b] == n
+        assert out["seed_indices"][b, :n].tolist() == [seeds[i] for i in order]
+        np.testing.assert_allclose(out["detection_scores"][b, :n],
+                                   [rescored[i] for i in order], rtol=1e-5)
+        np.testing.assert_array_equal(out["detection_masks"][b, :n], masks[order])
+        reordered += order != kept
+        assert 1 < max(support.values()) and min(support.values()) < support_seeds
+    assert reordered  # the rescoring changed the ranking somewhere
+
+
 def test_predict_instances_instance_map_is_the_best_covering_mask():
     rng = np.random.default_rng(6)
     embeddings, logits = random_inputs(rng, batch=2, h=8, w=8, d=3)
@@ -706,7 +749,8 @@ def test_jit_compiled_equals_plain():
     rng = np.random.default_rng(9)
     embeddings, logits = clustered_inputs(rng)
     embeddings[1] = 0.5 * rng.normal(size=embeddings.shape[1:])  # boundaries in image 1
-    config = inference.InferenceConfig(num_seeds=16, nms_iou_threshold=0.5)
+    config = inference.InferenceConfig(num_seeds=16, nms_iou_threshold=0.5,
+                                       support_rescoring=4.0)
 
     def run(e, l):
         return inference.predict_instances(e, l, (24, 36), config)
