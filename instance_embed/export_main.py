@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 
 from instance_embed import export
+from instance_embed import inference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Run directory written by train_main.")
@@ -37,7 +38,7 @@ flags.DEFINE_float("nms_iou_threshold", None, "Override: near-duplicate suppress
 flags.DEFINE_float("support_rescoring", None,
                    "Override: scale kept scores by min(1, suppressed duplicates + 1 / this); "
                    "0 turns it off.")
-flags.DEFINE_enum("mask_upsampling", None, ["bilinear", "joint_bilateral"],
+flags.DEFINE_enum("mask_upsampling", None, list(inference.MASK_UPSAMPLING),
                   "Override: how masks reach the image's resolution.")
 flags.DEFINE_float("bilateral_sigma", None, "Override: colour scale of joint_bilateral.")
 flags.DEFINE_boolean("jit_compile", None,

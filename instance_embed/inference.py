@@ -694,11 +694,9 @@ def _suppress_duplicates(masks: tf.Tensor, candidate: tf.Tensor,
     owns = tf.logical_and(
         tf.logical_and(overlapping, keep[:, :, None]),
         tf.logical_and(candidate, tf.logical_not(keep))[:, None, :])  # [B, K, K]
-    owner = tf.argmax(tf.cast(owns, tf.int32), axis=1, output_type=tf.int32)  # [B, K]
-    owned = tf.cast(tf.reduce_any(owns, axis=1), tf.int32)
-    suppressed_counts = tf.reduce_sum(
-        tf.one_hot(owner, num_seeds, dtype=tf.int32) * owned[:, :, None], axis=1)
-    support = tf.where(keep, 1 + suppressed_counts, 0)
+    owns = tf.cast(owns, tf.int32)
+    first_owner = owns * tf.cast(tf.math.cumsum(owns, axis=1) == 1, tf.int32)
+    support = tf.where(keep, 1 + tf.reduce_sum(first_owner, axis=2), 0)
     return keep, support
 
 

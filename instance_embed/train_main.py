@@ -208,7 +208,8 @@ def config_from_flags() -> configs.ExperimentConfig:
         inference=inference.InferenceConfig(
             num_seeds=FLAGS.num_seeds, alpha=FLAGS.alpha, taus=taus,
             nms_iou_threshold=FLAGS.nms_iou_threshold, score_threshold=FLAGS.score_threshold,
-            support_rescoring=FLAGS.support_rescoring, mask_upsampling=FLAGS.mask_upsampling, bilateral_sigma=FLAGS.bilateral_sigma),
+            support_rescoring=FLAGS.support_rescoring, mask_upsampling=FLAGS.mask_upsampling,
+            bilateral_sigma=FLAGS.bilateral_sigma),
         train=configs.TrainConfig(
             batch_size=FLAGS.batch_size, train_steps=FLAGS.train_steps,
             learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
