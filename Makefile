@@ -9,6 +9,10 @@ DATA_DIR ?= data
 DEMO_DIR ?= runs/demo
 # Extra train_main flags for the demo, e.g. `make demo DEMO_ARGS=--train_steps=100`.
 DEMO_ARGS ?=
+# Minutes of training the demo may take: on a machine too slow for the flagfile's steps,
+# train_main plans fewer (with the schedules compressed to match). Empty: no budget,
+# the flagfile's steps whatever they cost (`make demo DEMO_MINUTES=`).
+DEMO_MINUTES ?= 7
 
 .PHONY: venv demo test test-slow test-all bench clean-venv
 
@@ -32,7 +36,8 @@ demo: venv
 	$(PY) -m instance_embed.dataset_main --dataset=synthetic_shapes --data_dir=$(DATA_DIR) \
 	    --split=test --write_images=4 --output_dir=$(DEMO_DIR)/test_images; \
 	$(PY) -m instance_embed.train_main --flagfile=experiments/shapes_demo.flags \
-	    --data_dir=$(DATA_DIR) --model_dir=$(DEMO_DIR) $(DEMO_ARGS); \
+	    --data_dir=$(DATA_DIR) --model_dir=$(DEMO_DIR) \
+	    $(if $(DEMO_MINUTES),--time_budget_minutes=$(DEMO_MINUTES)) $(DEMO_ARGS); \
 	$(PY) -m instance_embed.eval_main --model_dir=$(DEMO_DIR) --split=test; \
 	$(PY) -m instance_embed.export_main --model_dir=$(DEMO_DIR) --export_dir=$(DEMO_DIR)/export; \
 	$(PY) -m instance_embed.predict_main --saved_model=$(DEMO_DIR)/export \

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -73,6 +74,13 @@ class TrainConfig:
       eval_at_end: evaluate on the eval split when training finishes.
       eval_max_examples: cap on evaluated examples (0 = whole split).
       debug_nan_at_step: test-only: inject NaN into the loss at this step (-1 = never).
+      time_budget_minutes: fit the run into this much wall-clock time on this machine
+        (None: no budget). A run that starts from step 0 times a few dozen steps, and
+        if `train_steps` would not fit, plans fewer steps and compresses everything
+        counted in steps (learning-rate warm-up and decay, the classification loss'
+        warm-up and ramp) in proportion, so the shorter run follows the full run's
+        schedule. It never plans more than `train_steps`. The plan is checkpointed, so
+        a resumed run keeps it; a run resumed without a plan ignores the budget.
     """
 
     batch_size: int = 8
@@ -95,6 +103,7 @@ class TrainConfig:
     eval_at_end: bool = True
     eval_max_examples: int = 0
     debug_nan_at_step: int = -1
+    time_budget_minutes: float | None = None
 
     def __post_init__(self):
         _require(self.batch_size > 0, "batch_size", self.batch_size, "must be positive")
@@ -110,6 +119,9 @@ class TrainConfig:
         for name in ("checkpoint_every", "log_every", "summary_every", "max_checkpoints"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "must be positive")
         _require(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
+        _require(self.time_budget_minutes is None or (
+            math.isfinite(self.time_budget_minutes) and self.time_budget_minutes > 0),
+            "time_budget_minutes", self.time_budget_minutes, "must be None or positive")
 
 
 @dataclasses.dataclass

@@ -15,7 +15,10 @@
 * a non-finite loss stops the run with `TrainingDivergedError` before anything is saved,
   so the last good checkpoint stays the latest one;
 * scalars every `log_every` steps, images and the embedding projector every
-  `summary_every` steps (see `summaries.py`), evaluation every `eval_every` steps.
+  `summary_every` steps (see `summaries.py`), evaluation every `eval_every` steps;
+* with `time_budget_minutes`, a plan made after timing the first steps: fewer steps when
+  `train_steps` would not fit, with the step-counted schedules compressed to match
+  (`plan_steps`; the schedules read the step through `step_scale`).
 """
 
 from __future__ import annotations
@@ -67,19 +70,61 @@ def make_strategy(name: str, tpu: str | None = None) -> tf.distribute.Strategy:
         f"strategy={name!r}: must be one of {', '.join(configs.STRATEGIES)}")
 
 
+# A run with a time budget times steps [_PROBE_FIRST_STEP, _PROBE_FIRST_STEP +
+# _PROBE_STEPS) to plan its length: the first steps carry tracing and warm-up.
+_PROBE_FIRST_STEP = 5
+_PROBE_STEPS = 30
+# Planned step counts are rounded down to a multiple of this (above it), so that runs
+# on one machine usually get the same plan despite timing noise.
+_PLAN_MULTIPLE = 50
+# The clock of the time budget (tests replace it).
+_clock = time.perf_counter
+
+
+def plan_steps(train_steps: int, step: int, elapsed_s: float, seconds_per_step: float,
+               budget_s: float, multiple: int = _PLAN_MULTIPLE) -> int:
+    """The number of steps a run can afford within a time budget.
+
+    Args:
+      train_steps: steps the run asks for; never exceeded.
+      step: steps done so far.
+      elapsed_s: seconds spent so far (start-up included).
+      seconds_per_step: measured cost of one step.
+      budget_s: seconds the whole run may take.
+      multiple: an affordable count above it is rounded down to a multiple of it.
+
+    Returns:
+      `train_steps` if it fits, else the affordable count `step + (budget_s - elapsed_s)
+      / seconds_per_step`, rounded down, and at least `step + 1`.
+    """
+    affordable = step + math.floor(max(budget_s - elapsed_s, 0.0) / seconds_per_step)
+    if affordable >= train_steps:
+        return train_steps
+    if affordable > multiple:
+        affordable -= affordable % multiple
+    return max(affordable, step + 1)
+
+
 class WarmupCosineSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up from 0 to `peak`, then cosine decay to `final_fraction * peak`."""
+    """Linear warm-up from 0 to `peak`, then cosine decay to `final_fraction * peak`.
+
+    With `step_scale` (a scalar variable), the schedule is read at `step * step_scale`:
+    a run planned to `train_steps / step_scale` steps follows the whole schedule.
+    """
 
     def __init__(self, peak: float, warmup_steps: int, total_steps: int,
-                 final_fraction: float, decay: str = "cosine"):
+                 final_fraction: float, decay: str = "cosine", step_scale=None):
         self.peak = float(peak)
         self.warmup_steps = int(warmup_steps)
         self.total_steps = max(int(total_steps), 1)
         self.final_fraction = float(final_fraction)
         self.decay = decay
+        self.step_scale = step_scale
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
+        if self.step_scale is not None:
+            step = step * tf.cast(self.step_scale, tf.float32)
         warmup = tf.cast(self.warmup_steps, tf.float32)
         warm = self.peak * tf.minimum(1.0, (step + 1.0) / tf.maximum(warmup, 1.0))
         if self.decay == "constant":
@@ -163,6 +208,20 @@ def _format_eta(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _agreed_mean(strategy, values) -> list[float]:
+    """The mean over replicas (and workers) of `values`, the same on every worker."""
+    if strategy.num_replicas_in_sync == 1:
+        return [float(v) for v in values]
+    local = tf.constant(values, tf.float32)
+
+    @tf.function
+    def mean():
+        return strategy.run(lambda: tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.MEAN, local))
+
+    return [float(v) for v in strategy.experimental_local_results(mean())[0].numpy()]
+
+
 def _is_chief(strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not getattr(resolver, "task_type", None):
@@ -182,6 +241,7 @@ def train(config: configs.ExperimentConfig, model_dir: str,
         as a preempted job would; the schedule still runs to `config.train.train_steps`.
     """
     tc = config.train
+    clock_start = _clock()
     strategy = make_strategy(tc.strategy, tc.tpu)
     per_replica_batch = _validate_replicas(config, strategy)
     chief = _is_chief(strategy)
@@ -195,8 +255,12 @@ def train(config: configs.ExperimentConfig, model_dir: str,
     keras.utils.set_random_seed(tc.seed)
     with strategy.scope():
         model = build_model(config.model)
+        # Planned steps (0: no plan, the run is `train_steps` long) and the factor that
+        # maps a step of the plan onto the schedules' step (train_steps / planned).
+        planned_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="planned_steps")
+        step_scale = tf.Variable(1.0, dtype=tf.float32, trainable=False, name="step_scale")
         schedule = WarmupCosineSchedule(tc.learning_rate, tc.warmup_steps, tc.train_steps,
-                                        tc.final_lr_fraction, tc.decay)
+                                        tc.final_lr_fraction, tc.decay, step_scale=step_scale)
         # float16 gradients underflow without loss scaling (bfloat16 has float32's
         # range). One dynamic scale serves both optimizers: the head optimizer's.
         scaled = config.model.mixed_precision == "mixed_float16"
@@ -212,7 +276,8 @@ def train(config: configs.ExperimentConfig, model_dir: str,
     loss_fn = losses.InstanceLoss(config.loss, global_batch_reduction=True)
 
     checkpoint = tf.train.Checkpoint(model=model, head_optimizer=head_optimizer,
-                                     backbone_optimizer=backbone_optimizer, step=step)
+                                     backbone_optimizer=backbone_optimizer, step=step,
+                                     planned_steps=planned_steps)
     manager = tf.train.CheckpointManager(
         checkpoint, os.path.join(write_dir, "ckpt"), max_to_keep=tc.max_checkpoints,
         step_counter=step)
@@ -220,9 +285,22 @@ def train(config: configs.ExperimentConfig, model_dir: str,
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         logging.info("Resumed from %s at step %d", manager.latest_checkpoint, int(step.numpy()))
     start_step = int(step.numpy())
-    if start_step >= tc.train_steps:
-        logging.info("Already at step %d >= train_steps=%d: nothing to train.",
-                     start_step, tc.train_steps)
+    total_steps = tc.train_steps
+    if 0 < int(planned_steps.numpy()) < tc.train_steps:
+        total_steps = int(planned_steps.numpy())
+        step_scale.assign(tc.train_steps / total_steps)
+        logging.info("Keeping the checkpointed plan of %d steps (of train_steps=%d).",
+                     total_steps, tc.train_steps)
+    probe_end = _PROBE_FIRST_STEP + _PROBE_STEPS
+    planning = (tc.time_budget_minutes is not None and tc.train_steps > probe_end
+                and int(planned_steps.numpy()) == 0)
+    if planning and start_step > 0:
+        logging.warning("time_budget_minutes=%g is ignored: a budget is planned when a run "
+                        "starts, and this one resumes at step %d without a plan.",
+                        tc.time_budget_minutes, start_step)
+        planning = False
+    if start_step >= total_steps:
+        logging.info("Already at step %d >= %d: nothing to train.", start_step, total_steps)
 
     # A resumed run draws a fresh augmentation stream rather than replaying the first one.
     dataset = _distributed_dataset(config, strategy, per_replica_batch,
@@ -240,7 +318,9 @@ def train(config: configs.ExperimentConfig, model_dir: str,
                          image_index], axis=1)
         with tf.GradientTape() as tape:
             outputs = model(batch["image"], training=True)
-            loss_values = loss_fn(outputs, batch, step=step, seed=seed)
+            # The loss' warm-up and ramp follow the schedule's step (see `step_scale`).
+            schedule_step = tf.cast(step, tf.float32) * step_scale
+            loss_values = loss_fn(outputs, batch, step=schedule_step, seed=seed)
             total = loss_values["total"]
             if tc.debug_nan_at_step >= 0:
                 # Added, not multiplied: the NaN must not reach other steps' gradients.
@@ -283,11 +363,34 @@ def train(config: configs.ExperimentConfig, model_dir: str,
     window_start, window_steps = time.perf_counter(), 0
     run_start = time.perf_counter()
 
-    end_step = tc.train_steps if stop_after_steps is None else min(
-        tc.train_steps, start_step + stop_after_steps)
+    def end_of_call():
+        return total_steps if stop_after_steps is None else min(
+            total_steps, start_step + stop_after_steps)
+
+    end_step = end_of_call()
+    probe_start = None
     while int(step.numpy()) < end_step:
         values = train_step(iterator)
         current = int(step.numpy())
+        if planning and current == _PROBE_FIRST_STEP:
+            probe_start = _clock()
+        elif planning and current == probe_end:
+            now = _clock()
+            # Every worker plans from the same (mean) timings, so all plan alike.
+            elapsed, seconds_per_step = _agreed_mean(
+                strategy, [now - clock_start, (now - probe_start) / _PROBE_STEPS])
+            total_steps = plan_steps(tc.train_steps, current, elapsed, seconds_per_step,
+                                     60.0 * tc.time_budget_minutes)
+            planned_steps.assign(total_steps)
+            step_scale.assign(tc.train_steps / total_steps)
+            end_step = end_of_call()
+            logging.info(
+                "Time budget %g min: %.3f s per step after %.0f s of start-up and %d steps: "
+                "%s.", tc.time_budget_minutes, seconds_per_step, elapsed, current,
+                f"all {tc.train_steps} steps fit" if total_steps == tc.train_steps else
+                f"planning {total_steps} of the {tc.train_steps} steps, every schedule "
+                f"compressed {tc.train_steps / total_steps:.2f}x")
+            planning = False
         last = {k: float(v) for k, v in values.items()}
         if not all(math.isfinite(v) for v in last.values()):
             raise TrainingDivergedError(
@@ -295,14 +398,14 @@ def train(config: configs.ExperimentConfig, model_dir: str,
                 f"saving. The last good checkpoint is {manager.latest_checkpoint}. "
                 "Try a lower --learning_rate or check the input data.")
         window_steps += 1
-        if current % tc.log_every == 0 or current == tc.train_steps:
+        if current % tc.log_every == 0 or current == total_steps:
             elapsed = time.perf_counter() - window_start
             images_per_s = window_steps * tc.batch_size / max(elapsed, 1e-9)
             lr = float(schedule(current - 1))
-            remaining = (tc.train_steps - current) * elapsed / max(window_steps, 1)
+            remaining = (total_steps - current) * elapsed / max(window_steps, 1)
             logging.info(
                 "step %d/%d | loss %.4f (embedding %.4f, classification %.4f, lambda %.3f)"
-                " | lr %.2e | %.1f img/s | ETA %s", current, tc.train_steps, last["total"],
+                " | lr %.2e | %.1f img/s | ETA %s", current, total_steps, last["total"],
                 last["embedding"], last["classification"], last["cls_weight"], lr,
                 images_per_s, _format_eta(remaining))
             with train_writer.as_default(step=current):
@@ -312,21 +415,21 @@ def train(config: configs.ExperimentConfig, model_dir: str,
                 tf.summary.scalar("learning_rate", lr)
                 tf.summary.scalar("images_per_second", images_per_s)
             window_start, window_steps = time.perf_counter(), 0
-        if chief and (current % tc.summary_every == 0 or current == tc.train_steps):
+        if chief and (current % tc.summary_every == 0 or current == total_steps):
             if pictures is None:
                 pictures = summaries.TrainingPictures(model, config)
             pictures.write_images(train_writer, current)
             pictures.write_projector(os.path.join(write_dir, "projector"))
         if current % tc.checkpoint_every == 0 or current == end_step:
             manager.save(checkpoint_number=current)
-        if tc.eval_every and current % tc.eval_every == 0 and current < tc.train_steps:
+        if tc.eval_every and current % tc.eval_every == 0 and current < total_steps:
             metrics = _evaluate(model, config, eval_writer, current, write_dir, chief)
 
     if manager.latest_checkpoint is None or int(step.numpy()) > _checkpoint_step(manager):
         manager.save(checkpoint_number=int(step.numpy()))
-    if int(step.numpy()) < tc.train_steps:
+    if int(step.numpy()) < total_steps:
         logging.info("Stopped at step %d of %d; run again to resume.", int(step.numpy()),
-                     tc.train_steps)
+                     total_steps)
         return {"step": int(step.numpy()), "losses": last, "metrics": metrics}
     if tc.eval_at_end and chief and not (
             metrics and metrics.get("step") == int(step.numpy())):

@@ -109,6 +109,11 @@ flags.DEFINE_float("score_threshold", _INFER.score_threshold,
 # Optimisation.
 flags.DEFINE_integer("batch_size", _TRAIN.batch_size, "Global batch size.")
 flags.DEFINE_integer("train_steps", _TRAIN.train_steps, "Total training steps.")
+flags.DEFINE_float(
+    "time_budget_minutes", None,
+    "Fit training into this many minutes on this machine: after timing the first steps, "
+    "plan fewer than --train_steps if they would not fit, with every step-counted "
+    "schedule (learning rate, lambda) compressed to match. Unset: no budget.")
 flags.DEFINE_float("learning_rate", _TRAIN.learning_rate, "Peak learning rate of the heads.")
 flags.DEFINE_integer("warmup_steps", _TRAIN.warmup_steps, "Learning-rate warm-up steps.")
 flags.DEFINE_enum("lr_decay", _TRAIN.decay, ["cosine", "constant"], "Learning-rate decay.")
@@ -150,6 +155,8 @@ def validate_flags() -> None:
     _check(FLAGS.backbone in backbones.available_backbones(), "backbone",
            f"unknown backbone; choose one of {', '.join(backbones.available_backbones())}")
     _check(FLAGS.train_steps >= 0, "train_steps", "must be >= 0")
+    _check(FLAGS.time_budget_minutes is None or FLAGS.time_budget_minutes > 0,
+           "time_budget_minutes", "must be positive")
     _check(FLAGS.batch_size > 0, "batch_size", "must be positive")
     for name in ("pyramid_scales", "taus"):
         try:
@@ -219,7 +226,8 @@ def config_from_flags() -> configs.ExperimentConfig:
             log_every=FLAGS.log_every, summary_every=FLAGS.summary_every,
             eval_every=FLAGS.eval_every, eval_at_end=FLAGS.eval_at_end,
             eval_max_examples=FLAGS.eval_max_examples,
-            debug_nan_at_step=FLAGS.debug_nan_at_step))
+            debug_nan_at_step=FLAGS.debug_nan_at_step,
+            time_budget_minutes=FLAGS.time_budget_minutes))
 
 
 def main(argv):

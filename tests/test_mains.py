@@ -91,6 +91,7 @@ def test_dataset_main_summarizes_and_writes_images(trained_run, tmp_path):
     ("--dataset=nope", "--dataset='nope': unknown dataset"),
     ("--backbone=nope", "--backbone='nope': unknown backbone"),
     ("--train_steps=-1", "--train_steps=-1: must be >= 0"),
+    ("--time_budget_minutes=0", "--time_budget_minutes=0.0: must be positive"),
     ("--pyramid_scales=1.0,0", "--pyramid_scales="),
     ("--image_size=100", "--image_size=100: must be a positive multiple of 32"),
 ])

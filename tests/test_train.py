@@ -110,6 +110,63 @@ def test_learning_rate_schedule_matches_formula():
     assert float(scaled(60)) == pytest.approx(0.1 * halfway, rel=1e-5)
 
 
+def test_plan_steps_hand_worked_cases():
+    # 35 steps done in 20 s, 0.5 s per step, 60 s budget: 35 + 40 / 0.5 = 115 -> 100.
+    assert train_lib.plan_steps(200, 35, 20.0, 0.5, 60.0) == 100
+    assert train_lib.plan_steps(200, 35, 20.0, 0.5, 60.0, multiple=1) == 115
+    # Everything fits: the run keeps its train_steps, never more.
+    assert train_lib.plan_steps(200, 35, 20.0, 0.5, 1000.0) == 200
+    assert train_lib.plan_steps(115, 35, 20.0, 0.5, 60.0) == 115
+    # Counts below the multiple are kept as they are.
+    assert train_lib.plan_steps(200, 10, 5.0, 1.0, 45.0) == 50
+    assert train_lib.plan_steps(200, 10, 5.0, 1.0, 44.0) == 49
+    # Out of time already: the run ends after one more step.
+    assert train_lib.plan_steps(200, 35, 90.0, 0.5, 60.0) == 36
+
+
+def test_config_rejects_a_non_positive_time_budget():
+    with pytest.raises(ValueError, match="time_budget_minutes=0"):
+        configs.TrainConfig(time_budget_minutes=0)
+
+
+def test_time_budget_plans_fewer_steps_and_compresses_the_schedules(
+        folder_dataset, tmp_path, monkeypatch):
+    data_dir, manual = folder_dataset
+    # The budget clock reads 0 at the start, 5 s when the probe starts (step 5) and 20 s
+    # when it ends (step 35): 0.5 s per step, so a 1-minute budget affords
+    # 35 + 40 / 0.5 = 115 steps, planned as 100 of the 200 asked for (scale 2).
+    readings = iter([0.0, 5.0, 20.0])
+    monkeypatch.setattr(train_lib, "_clock", lambda: next(readings))
+    config = _config(data_dir, manual, train_steps=200, warmup_steps=20, log_every=5,
+                     summary_every=1000, checkpoint_every=1000, time_budget_minutes=1.0)
+    config = dataclasses.replace(config, loss=dataclasses.replace(
+        config.loss, cls_warmup_steps=40, cls_ramp_steps=100))
+    model_dir = str(tmp_path / "run")
+    result = train_lib.train(config, model_dir, stop_after_steps=60)
+    assert result["step"] == 60
+    reader = tf.train.load_checkpoint(checkpoints.latest_checkpoint(model_dir))
+    assert reader.get_tensor("planned_steps/.ATTRIBUTES/VARIABLE_VALUE") == 100
+
+    # Resumed without a clock reading: the checkpointed plan is kept.
+    monkeypatch.setattr(train_lib, "_clock", lambda: 0.0)
+    result = train_lib.train(config, model_dir)
+    assert result["step"] == 100
+
+    scalars, _ = _scalars(os.path.join(model_dir, "train"))
+    lam, lr = dict(scalars["lambda"]), dict(scalars["learning_rate"])
+    # Step s computes its loss at step s - 1, read on the schedules at 2 (s - 1) once
+    # planned (step 35), at s - 1 before.
+    assert lam[30] == 0.0  # schedule step 29 < 40
+    assert lam[50] == pytest.approx(0.2 * (2 * 49 - 40) / 100, rel=1e-5)
+    assert lam[100] == pytest.approx(0.2)
+    peak, final = 3e-3, 0.05 * 3e-3
+    for s in (50, 100):
+        progress = (2 * (s - 1) - 20) / (200 - 20)
+        expected = final + (peak - final) * 0.5 * (1 + np.cos(np.pi * progress))
+        assert lr[s] == pytest.approx(expected, rel=1e-5)
+    assert lr[100] == pytest.approx(final, rel=0.01)
+
+
 def test_short_run_writes_checkpoints_summaries_and_learns(folder_dataset, tmp_path):
     data_dir, manual = folder_dataset
     model_dir = str(tmp_path / "run")
