@@ -12,7 +12,7 @@ DEMO_ARGS ?=
 # Minutes of training the demo may take: on a machine too slow for the flagfile's steps,
 # train_main plans fewer (with the schedules compressed to match). Empty: no budget,
 # the flagfile's steps whatever they cost (`make demo DEMO_MINUTES=`).
-DEMO_MINUTES ?= 7.5
+DEMO_MINUTES ?= 8
 
 .PHONY: venv demo test test-slow test-all bench clean-venv
 

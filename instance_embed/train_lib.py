@@ -71,9 +71,10 @@ def make_strategy(name: str, tpu: str | None = None) -> tf.distribute.Strategy:
 
 
 # A run with a time budget times steps [_PROBE_FIRST_STEP, _PROBE_FIRST_STEP +
-# _PROBE_STEPS) to plan its length: the first steps carry tracing and warm-up.
-_PROBE_FIRST_STEP = 5
-_PROBE_STEPS = 30
+# _PROBE_STEPS) to plan its length: the first steps carry tracing and warm-up, and a
+# shorter window misjudged the demo's speed by 20% on a shared 2-core VM.
+_PROBE_FIRST_STEP = 10
+_PROBE_STEPS = 50
 # Planned step counts are rounded down to a multiple of this (above it), so that runs
 # on one machine usually get the same plan despite timing noise.
 _PLAN_MULTIPLE = 50

@@ -132,18 +132,19 @@ def test_config_rejects_a_non_positive_time_budget():
 def test_time_budget_plans_fewer_steps_and_compresses_the_schedules(
         folder_dataset, tmp_path, monkeypatch):
     data_dir, manual = folder_dataset
-    # The budget clock reads 0 at the start, 5 s when the probe starts (step 5) and 20 s
-    # when it ends (step 35): 0.5 s per step, so a 1-minute budget affords
-    # 35 + 40 / 0.5 = 115 steps, planned as 100 of the 200 asked for (scale 2).
-    readings = iter([0.0, 5.0, 20.0])
+    # The budget clock reads 0 at the start, 5 s when the probe starts (step 10) and 30 s
+    # when it ends (step 60): 0.5 s per step, so a 1-minute budget affords
+    # 60 + 30 / 0.5 = 120 steps, planned as 100 of the 200 asked for (scale 2).
+    assert (train_lib._PROBE_FIRST_STEP, train_lib._PROBE_STEPS) == (10, 50)
+    readings = iter([0.0, 5.0, 30.0])
     monkeypatch.setattr(train_lib, "_clock", lambda: next(readings))
     config = _config(data_dir, manual, train_steps=200, warmup_steps=20, log_every=5,
                      summary_every=1000, checkpoint_every=1000, time_budget_minutes=1.0)
     config = dataclasses.replace(config, loss=dataclasses.replace(
-        config.loss, cls_warmup_steps=40, cls_ramp_steps=100))
+        config.loss, cls_warmup_steps=100, cls_ramp_steps=100))
     model_dir = str(tmp_path / "run")
-    result = train_lib.train(config, model_dir, stop_after_steps=60)
-    assert result["step"] == 60
+    result = train_lib.train(config, model_dir, stop_after_steps=70)
+    assert result["step"] == 70
     reader = tf.train.load_checkpoint(checkpoints.latest_checkpoint(model_dir))
     assert reader.get_tensor("planned_steps/.ATTRIBUTES/VARIABLE_VALUE") == 100
 
@@ -154,14 +155,13 @@ def test_time_budget_plans_fewer_steps_and_compresses_the_schedules(
 
     scalars, _ = _scalars(os.path.join(model_dir, "train"))
     lam, lr = dict(scalars["lambda"]), dict(scalars["learning_rate"])
-    # Step s computes its loss at step s - 1, read on the schedules at 2 (s - 1) once
-    # planned (step 35), at s - 1 before.
-    assert lam[30] == 0.0  # schedule step 29 < 40
-    assert lam[50] == pytest.approx(0.2 * (2 * 49 - 40) / 100, rel=1e-5)
-    assert lam[100] == pytest.approx(0.2)
+    # Step s computes its loss at step s - 1, read on the schedules at s - 1 until the
+    # plan (step 60) and at 2 (s - 1) after it.
+    assert lam[50] == 0.0 and lam[80] == pytest.approx(0.2 * (2 * 79 - 100) / 100, rel=1e-5)
+    assert lam[100] == pytest.approx(0.2 * (2 * 99 - 100) / 100, rel=1e-5)
     peak, final = 3e-3, 0.05 * 3e-3
-    for s in (50, 100):
-        progress = (2 * (s - 1) - 20) / (200 - 20)
+    for s, schedule_step in ((50, 49), (80, 2 * 79), (100, 2 * 99)):
+        progress = (schedule_step - 20) / (200 - 20)
         expected = final + (peak - final) * 0.5 * (1 + np.cos(np.pi * progress))
         assert lr[s] == pytest.approx(expected, rel=1e-5)
     assert lr[100] == pytest.approx(final, rel=0.01)
