@@ -141,6 +141,7 @@ def main(argv):
     kept_fn = predictor.make_predict_fn(model, config.inference)
     raw_fn = predictor.make_predict_fn(
         model, dataclasses.replace(config.inference, nms_iou_threshold=None,
+                                   support_rescoring=0.0,
                                    score_threshold=0.0))
     examples = datasets.load(config.dataset.name, FLAGS.split,
                              data_dir=config.dataset.data_dir,

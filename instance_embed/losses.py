@@ -67,6 +67,12 @@ class LossConfig:
       cls_ramp_steps: steps over which the weight then rises linearly to
         `cls_weight_max` (0 = jump straight to it).
       cls_weight_max: final weight lambda of the classification loss (paper: 0.2).
+      cls_semantic_warmup: not in the paper, off by default. The paper's targets (the
+        class of the mask a seed grows) mean little while the embeddings are young, so
+        the head idles through the warm-up. With this on, it learns each point's
+        semantic class (its instance's class at every tau, 0 on the background) from
+        step 0 with weight `cls_weight_max - lambda(step)`: all of it during the
+        warm-up, handed over to the paper's targets as lambda ramps up, none after.
       taus: similarity thresholds, one classification head per tau; must match the
         model's `taus` (same values, same order).
     """
@@ -78,6 +84,7 @@ class LossConfig:
     cls_warmup_steps: int = 1000
     cls_ramp_steps: int = 1000
     cls_weight_max: float = 0.2
+    cls_semantic_warmup: bool = False
     taus: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
 
     def __post_init__(self):
@@ -98,6 +105,8 @@ class LossConfig:
             _require(_is_int(value) and value >= 0, name, value, "must be an int >= 0")
         _require(_is_number(self.cls_weight_max) and self.cls_weight_max >= 0.0,
                  "cls_weight_max", self.cls_weight_max, "must be a number >= 0")
+        _require(isinstance(self.cls_semantic_warmup, (bool, np.bool_)),
+                 "cls_semantic_warmup", self.cls_semantic_warmup, "must be a bool")
 
 
 # ---------------------------------------------------------------------------------------
@@ -564,6 +573,26 @@ def classification_loss(point_logits: tf.Tensor,
     return masked_mean(*classification_loss_per_image(point_logits, targets, point_valid))
 
 
+def semantic_targets(point_instance_ids: tf.Tensor, instance_classes: tf.Tensor,
+                     num_taus: int) -> tf.Tensor:
+    """Each point's own class at every tau (`LossConfig.cls_semantic_warmup`).
+
+    Args:
+      point_instance_ids: int [batch, P]: 1..M an instance, 0 background, -1 padding.
+      instance_classes: int [batch, M], class of instance id `i` at index `i - 1`.
+      num_taus: T.
+
+    Returns:
+      int32 [batch, P, T]: the class of the point's instance, 0 for background and
+      padding points.
+    """
+    ids = tf.cast(point_instance_ids, tf.int32)
+    classes = tf.gather(tf.cast(instance_classes, tf.int32), tf.maximum(ids - 1, 0),
+                        batch_dims=1)
+    classes = tf.where(ids >= 1, classes, 0)
+    return tf.repeat(classes[:, :, None], num_taus, axis=2)
+
+
 def cls_loss_weight(step: tf.Tensor | int, config: LossConfig) -> tf.Tensor:
     """lambda(step): 0 for `cls_warmup_steps`, linear to `cls_weight_max`, then constant.
 
@@ -684,18 +713,27 @@ class InstanceLoss:
         targets = classification_targets(
             embeddings, labels, batch["instance_classes"], batch["instance_valid"],
             indices, ids, config.taus, config.cls_iou_threshold)
-        cls_losses, cls_valid = classification_loss_per_image(
-            gather_points(logits, indices), targets, ids >= 0)
+        point_logits = gather_points(logits, indices)
+        cls_losses, cls_valid = classification_loss_per_image(point_logits, targets, ids >= 0)
 
         reduce = global_batch_mean if self.global_batch_reduction else masked_mean
         embedding = reduce(embedding_losses, embedding_valid)
         classification = reduce(cls_losses, cls_valid)
         weight = cls_loss_weight(step, config)
+        total = embedding + weight * classification
+        extra = {}
+        if config.cls_semantic_warmup:
+            semantic_losses, _ = classification_loss_per_image(
+                point_logits, semantic_targets(ids, batch["instance_classes"],
+                                               len(config.taus)), ids >= 0)
+            extra["semantic"] = reduce(semantic_losses, cls_valid)
+            total += (config.cls_weight_max - weight) * extra["semantic"]
         return {
-            "total": embedding + weight * classification,
+            "total": total,
             "embedding": embedding,
             "classification": classification,
             "cls_weight": weight,
+            **extra,
             "embedding_per_image": embedding_losses,
             "embedding_valid": embedding_valid,
             "classification_per_image": cls_losses,

@@ -405,9 +405,10 @@ def train(config: configs.ExperimentConfig, model_dir: str,
             lr = float(schedule(current - 1))
             remaining = (total_steps - current) * elapsed / max(window_steps, 1)
             logging.info(
-                "step %d/%d | loss %.4f (embedding %.4f, classification %.4f, lambda %.3f)"
+                "step %d/%d | loss %.4f (embedding %.4f, classification %.4f, lambda %.3f%s)"
                 " | lr %.2e | %.1f img/s | ETA %s", current, total_steps, last["total"],
-                last["embedding"], last["classification"], last["cls_weight"], lr,
+                last["embedding"], last["classification"], last["cls_weight"],
+                f", semantic {last['semantic']:.4f}" if "semantic" in last else "", lr,
                 images_per_s, _format_eta(remaining))
             with train_writer.as_default(step=current):
                 for key, value in last.items():

@@ -90,6 +90,10 @@ flags.DEFINE_float("cls_iou_threshold", _LOSS.cls_iou_threshold, "IoU for a good
 flags.DEFINE_integer("cls_warmup_steps", _LOSS.cls_warmup_steps, "Steps with lambda = 0.")
 flags.DEFINE_integer("cls_ramp_steps", _LOSS.cls_ramp_steps, "Steps of the lambda ramp.")
 flags.DEFINE_float("cls_weight_max", _LOSS.cls_weight_max, "Final lambda (paper: 0.2).")
+flags.DEFINE_boolean(
+    "cls_semantic_warmup", _LOSS.cls_semantic_warmup,
+    "Not in the paper: the classification head learns each point's semantic class "
+    "during lambda's warm-up, handed over to the paper's targets as lambda ramps up.")
 # Inference.
 flags.DEFINE_integer("num_seeds", _INFER.num_seeds, "Seeds (detections) per image.")
 flags.DEFINE_float("alpha", _INFER.alpha, "Seed diversity weight (paper: 0.3).")
@@ -211,7 +215,8 @@ def config_from_flags() -> configs.ExperimentConfig:
             instance_size_weighting=FLAGS.instance_size_weighting,
             cls_iou_threshold=FLAGS.cls_iou_threshold,
             cls_warmup_steps=FLAGS.cls_warmup_steps, cls_ramp_steps=FLAGS.cls_ramp_steps,
-            cls_weight_max=FLAGS.cls_weight_max, taus=taus),
+            cls_weight_max=FLAGS.cls_weight_max,
+            cls_semantic_warmup=FLAGS.cls_semantic_warmup, taus=taus),
         inference=inference.InferenceConfig(
             num_seeds=FLAGS.num_seeds, alpha=FLAGS.alpha, taus=taus,
             nms_iou_threshold=FLAGS.nms_iou_threshold, score_threshold=FLAGS.score_threshold,

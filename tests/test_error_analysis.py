@@ -1,5 +1,6 @@
 """experiments/error_analysis.py: IoUs, detection kinds and oracle masks on hand-made cases."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -80,8 +81,12 @@ def test_error_analysis_runs_on_a_trained_run(tmp_path):
 
     manual = test_train._write_folder_dataset(str(tmp_path / "raw"), count=10)
     model_dir = str(tmp_path / "run")
-    train_lib.train(test_train._config(str(tmp_path / "tfds"), manual, train_steps=4,
-                                       summary_every=100), model_dir)
+    config = test_train._config(str(tmp_path / "tfds"), manual, train_steps=4,
+                                summary_every=100)
+    # The demo's inference settings: the raw pass must drop the duplicate rescoring too.
+    config = dataclasses.replace(config, inference=dataclasses.replace(
+        config.inference, nms_iou_threshold=0.7, support_rescoring=8.0))
+    train_lib.train(config, model_dir)
     out = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "experiments", "error_analysis.py"),
          f"--model_dir={model_dir}", "--split=validation", "--max_examples=2"],

@@ -656,6 +656,44 @@ def test_instance_loss_matches_numpy_pipeline():
                                expected_embedding + 0.1 * expected_cls, rtol=1e-5)
 
 
+def test_semantic_targets_hand_worked():
+    ids = tf.constant([[2, 0, -1, 1], [1, 1, 0, -1]])
+    classes = tf.constant([[3, 1], [2, 0]])
+    targets = losses.semantic_targets(ids, classes, num_taus=3).numpy()
+    assert targets.shape == (2, 4, 3)
+    np.testing.assert_array_equal(targets[..., 0], [[1, 0, 0, 3], [2, 2, 0, 0]])
+    assert (targets == targets[..., :1]).all()
+
+
+@pytest.mark.parametrize("step, weight", [(0, 0.0), (20, 0.1), (30, 0.2), (100, 0.2)])
+def test_semantic_warmup_hands_over_to_the_paper_targets(step, weight):
+    outputs, batch = _instance_loss_inputs(seed=2)
+    config = losses.LossConfig(points_per_instance=4, cls_warmup_steps=10, cls_ramp_steps=20,
+                               cls_semantic_warmup=True)
+    seed = tf.constant([7, 1], tf.int64)
+    values = losses.InstanceLoss(config)(outputs, batch, step=step, seed=seed)
+    plain = losses.InstanceLoss(dataclasses.replace(config, cls_semantic_warmup=False))(
+        outputs, batch, step=step, seed=seed)
+
+    # The semantic loss from the NumPy cross-entropy on the same points: each point's
+    # target is its instance's class at every tau, 0 on the background.
+    labels = batch["instances"][:, 2::4, 2::4]
+    points = losses.sample_points(labels, batch["instance_valid"], 4, seed)
+    indices = points["point_indices"].numpy()
+    ids = points["point_instance_ids"].numpy()
+    own_class = np.array([[batch["instance_classes"][b, i - 1] if i >= 1 else 0
+                           for i in ids[b]] for b in range(2)])
+    targets = np.repeat(own_class[:, :, None], len(TAUS), axis=2)
+    logits = outputs["class_logits"].reshape(2, 64, len(TAUS), -1)
+    point_logits = np.stack([logits[b, indices[b]] for b in range(2)])
+    expected_semantic = np_classification_loss(point_logits, targets, ids >= 0)
+    np.testing.assert_allclose(values["semantic"].numpy(), expected_semantic, rtol=1e-5)
+    np.testing.assert_allclose(values["cls_weight"].numpy(), weight, rtol=1e-6)
+    np.testing.assert_allclose(
+        values["total"].numpy(),
+        plain["total"].numpy() + (0.2 - weight) * expected_semantic, rtol=1e-5, atol=1e-7)
+
+
 def test_first_points_per_slot_keeps_the_head_of_each_slot():
     values = tf.constant([[0, 1, 2, 10, 11, 12], [20, 21, 22, 30, 31, 32]])
     np.testing.assert_array_equal(losses.first_points_per_slot(values, 3, 2),
