@@ -276,14 +276,18 @@ def train(config: configs.ExperimentConfig, model_dir: str,
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
     loss_fn = losses.InstanceLoss(config.loss, global_batch_reduction=True)
 
-    checkpoint = tf.train.Checkpoint(model=model, head_optimizer=head_optimizer,
-                                     backbone_optimizer=backbone_optimizer, step=step,
-                                     planned_steps=planned_steps)
+    checkpoint = _make_checkpoint(model, head_optimizer, backbone_optimizer, step,
+                                  planned_steps)
     manager = tf.train.CheckpointManager(
         checkpoint, os.path.join(write_dir, "ckpt"), max_to_keep=tc.max_checkpoints,
         step_counter=step)
     if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        restorable = checkpoint
+        if not tf.train.load_checkpoint(manager.latest_checkpoint).has_tensor(
+                "planned_steps/.ATTRIBUTES/VARIABLE_VALUE"):
+            # Written before time budgets existed: everything else, and no plan.
+            restorable = _make_checkpoint(model, head_optimizer, backbone_optimizer, step)
+        restorable.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         logging.info("Resumed from %s at step %d", manager.latest_checkpoint, int(step.numpy()))
     start_step = int(step.numpy())
     total_steps = tc.train_steps
@@ -441,6 +445,16 @@ def train(config: configs.ExperimentConfig, model_dir: str,
     logging.info("Training finished at step %d in %s.", int(step.numpy()),
                  _format_eta(time.perf_counter() - run_start))
     return {"step": int(step.numpy()), "losses": last, "metrics": metrics}
+
+
+def _make_checkpoint(model, head_optimizer, backbone_optimizer, step,
+                     planned_steps=None) -> tf.train.Checkpoint:
+    """The training checkpoint; `planned_steps` (a time budget's plan) when given."""
+    objects = dict(model=model, head_optimizer=head_optimizer,
+                   backbone_optimizer=backbone_optimizer, step=step)
+    if planned_steps is not None:
+        objects["planned_steps"] = planned_steps
+    return tf.train.Checkpoint(**objects)
 
 
 def _checkpoint_step(manager: tf.train.CheckpointManager) -> int:

@@ -228,6 +228,25 @@ def test_resume_matches_straight_run(folder_dataset, tmp_path):
                                    rtol=1e-4, atol=1e-6)
 
 
+def test_resumes_a_checkpoint_written_before_time_budgets(folder_dataset, tmp_path,
+                                                          monkeypatch):
+    data_dir, manual = folder_dataset
+    model_dir = str(tmp_path / "run")
+    make_checkpoint = train_lib._make_checkpoint
+    # The old layout: no planned_steps entry.
+    monkeypatch.setattr(train_lib, "_make_checkpoint",
+                        lambda *args, planned_steps=None: make_checkpoint(*args[:4]))
+    train_lib.train(_config(data_dir, manual, train_steps=6), model_dir, stop_after_steps=3)
+    reader = tf.train.load_checkpoint(checkpoints.latest_checkpoint(model_dir))
+    assert not reader.has_tensor("planned_steps/.ATTRIBUTES/VARIABLE_VALUE")
+    monkeypatch.setattr(train_lib, "_make_checkpoint", make_checkpoint)
+    result = train_lib.train(_config(data_dir, manual, train_steps=6), model_dir)
+    assert result["step"] == 6
+    reader = tf.train.load_checkpoint(checkpoints.latest_checkpoint(model_dir))
+    assert reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 6
+    assert reader.get_tensor("planned_steps/.ATTRIBUTES/VARIABLE_VALUE") == 0
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(folder_dataset, tmp_path):
     data_dir, manual = folder_dataset
     model_dir = str(tmp_path / "nan")
