@@ -75,7 +75,8 @@ class TrainConfig:
       eval_max_examples: cap on evaluated examples (0 = whole split).
       debug_nan_at_step: test-only: inject NaN into the loss at this step (-1 = never).
       time_budget_minutes: fit the run into this much wall-clock time on this machine
-        (None: no budget). A run that starts from step 0 times a few dozen steps, and
+        (None: no budget). A run that starts from step 0 times a few dozen steps (and
+        revises the plan every `log_every` steps through the first half of the run), and
         if `train_steps` would not fit, plans fewer steps and compresses everything
         counted in steps (learning-rate warm-up and decay, the classification loss'
         warm-up and ramp) in proportion, so the shorter run follows the full run's

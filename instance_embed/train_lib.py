@@ -16,9 +16,10 @@
   so the last good checkpoint stays the latest one;
 * scalars every `log_every` steps, images and the embedding projector every
   `summary_every` steps (see `summaries.py`), evaluation every `eval_every` steps;
-* with `time_budget_minutes`, a plan made after timing the first steps: fewer steps when
-  `train_steps` would not fit, with the step-counted schedules compressed to match
-  (`plan_steps`; the schedules read the step through `step_scale`).
+* with `time_budget_minutes`, a plan made after timing the first steps and revised every
+  `log_every` steps through the first half of the run: fewer steps when `train_steps`
+  would not fit, with the step-counted schedules compressed to match (`plan_steps`; the
+  schedules read the step through `step_scale`).
 """
 
 from __future__ import annotations
@@ -379,23 +380,29 @@ def train(config: configs.ExperimentConfig, model_dir: str,
         current = int(step.numpy())
         if planning and current == _PROBE_FIRST_STEP:
             probe_start = _clock()
-        elif planning and current == probe_end:
+        elif planning and (current == probe_end or (
+                current > probe_end and current % tc.log_every == 0)):
             now = _clock()
             # Every worker plans from the same (mean) timings, so all plan alike.
-            elapsed, seconds_per_step = _agreed_mean(
-                strategy, [now - clock_start, (now - probe_start) / _PROBE_STEPS])
+            elapsed, seconds_per_step = _agreed_mean(strategy, [
+                now - clock_start, (now - probe_start) / (current - _PROBE_FIRST_STEP)])
+            previous = total_steps
             total_steps = plan_steps(tc.train_steps, current, elapsed, seconds_per_step,
                                      60.0 * tc.time_budget_minutes)
             planned_steps.assign(total_steps)
             step_scale.assign(tc.train_steps / total_steps)
             end_step = end_of_call()
-            logging.info(
-                "Time budget %g min: %.3f s per step after %.0f s of start-up and %d steps: "
-                "%s.", tc.time_budget_minutes, seconds_per_step, elapsed, current,
-                f"all {tc.train_steps} steps fit" if total_steps == tc.train_steps else
-                f"planning {total_steps} of the {tc.train_steps} steps, every schedule "
-                f"compressed {tc.train_steps / total_steps:.2f}x")
-            planning = False
+            if current == probe_end or total_steps != previous:
+                logging.info(
+                    "Time budget %g min: %.3f s per step over steps %d-%d, %.0f s spent: "
+                    "%s.", tc.time_budget_minutes, seconds_per_step, _PROBE_FIRST_STEP,
+                    current, elapsed,
+                    f"all {tc.train_steps} steps fit" if total_steps == tc.train_steps else
+                    f"planning {total_steps} of the {tc.train_steps} steps, every schedule "
+                    f"compressed {tc.train_steps / total_steps:.2f}x")
+            # The plan follows the measured speed (a shared machine's drifts by 20%)
+            # through the first half of the run, then stays.
+            planning = current < total_steps // 2
         last = {k: float(v) for k, v in values.items()}
         if not all(math.isfinite(v) for v in last.values()):
             raise TrainingDivergedError(

@@ -167,6 +167,31 @@ def test_time_budget_plans_fewer_steps_and_compresses_the_schedules(
     assert lr[100] == pytest.approx(final, rel=0.01)
 
 
+def test_time_budget_plan_follows_a_slowdown_in_the_first_half(
+        folder_dataset, tmp_path, monkeypatch):
+    data_dir, manual = folder_dataset
+    # 0.5 s per step over steps 10-60 (readings 5 and 30): a 1.5-minute budget affords
+    # 60 + 60 / 0.5 = 180 steps, planned 150. Then 2 s per step: at step 65 (reading
+    # 40) 35 s / 55 steps since step 10 affords 65 + 50 / 0.636 = 143 -> 100, and step 65
+    # is past half of that plan: it stays (no more readings).
+    readings = iter([0.0, 5.0, 30.0, 40.0])
+    monkeypatch.setattr(train_lib, "_clock", lambda: next(readings))
+    config = _config(data_dir, manual, train_steps=400, warmup_steps=20, log_every=5,
+                     summary_every=1000, checkpoint_every=1000, time_budget_minutes=1.5)
+    model_dir = str(tmp_path / "run")
+    result = train_lib.train(config, model_dir)
+    assert result["step"] == 100
+    assert next(readings, None) is None
+    reader = tf.train.load_checkpoint(checkpoints.latest_checkpoint(model_dir))
+    assert reader.get_tensor("planned_steps/.ATTRIBUTES/VARIABLE_VALUE") == 100
+    lr = dict(_scalars(os.path.join(model_dir, "train"))[0]["learning_rate"])
+    # Logged after the step-65 revision: read on the schedule at 64 * 400 / 100.
+    peak, final = 3e-3, 0.05 * 3e-3
+    assert lr[65] == pytest.approx(
+        final + (peak - final) * 0.5 * (1 + np.cos(np.pi * (64 * 4 - 20) / 380)), rel=1e-5)
+    assert lr[100] == pytest.approx(final, rel=0.01)
+
+
 def test_short_run_writes_checkpoints_summaries_and_learns(folder_dataset, tmp_path):
     data_dir, manual = folder_dataset
     model_dir = str(tmp_path / "run")
