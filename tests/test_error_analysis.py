@@ -75,6 +75,7 @@ def test_oracle_best_ious_hand_worked():
         error_analysis.oracle_best_ious(embeddings, labels, (1e-50,)), [0.5, 0.5])
 
 
+@pytest.mark.slow  # about a minute on 2 cores
 def test_error_analysis_runs_on_a_trained_run(tmp_path):
     import test_train
     from instance_embed import train_lib

@@ -150,6 +150,7 @@ def _penn_fudan_layout_copy(folder_dataset, root, num_images):
     return root, instances
 
 
+@pytest.mark.slow  # about a minute on 2 cores
 def test_eval_main_reads_any_penn_fudan_layout_folder(trained_run, tmp_path):
     # A model trained on another dataset, evaluated on two different pedestrian-style
     # folders through --manual_dir: each is read on its own (no stale prepared copy).

@@ -126,6 +126,7 @@ def _kill_when_temp_appears(process, ckpt_dir, timeout=240):
     return False
 
 
+@pytest.mark.slow  # about a minute on 2 cores
 def test_sigkill_while_checkpointing_resumes_from_last_complete_checkpoint(
         folder_dataset, tmp_path):
     data_dir, manual = folder_dataset
@@ -242,6 +243,7 @@ def _logged_losses(model_dir):
     return {tag: [steps[s] for s in sorted(steps)] for tag, steps in losses.items()}
 
 
+@pytest.mark.slow  # about a minute on 2 cores
 def test_train_main_same_seed_gives_identical_losses_and_nan_stops_cleanly(
         folder_dataset, tmp_path):
     data_dir, manual = folder_dataset
