@@ -28,6 +28,17 @@ def _run(*args, expect_ok=True):
     return out
 
 
+def _run_together(*commands):
+    """Runs each command (module and arguments) in its own process, all at once."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    processes = [subprocess.Popen([sys.executable, "-m", *command], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+                 for command in commands]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("mains")
@@ -43,10 +54,11 @@ def test_eval_main_checkpoint_and_saved_model_agree(trained_run, tmp_path):
     export_dir = export.export_from_model_dir(model_dir, str(tmp_path / "export"))
     common = ["--dataset=instance_folder", f"--data_dir={data_dir}", f"--manual_dir={manual}",
               "--split=validation"]
-    _run("instance_embed.eval_main", f"--model_dir={model_dir}",
-         f"--output_dir={tmp_path / 'ckpt_eval'}", *common)
-    _run("instance_embed.eval_main", f"--saved_model={export_dir}",
-         f"--output_dir={tmp_path / 'saved_eval'}", *common)
+    _run_together(
+        ["instance_embed.eval_main", f"--model_dir={model_dir}",
+         f"--output_dir={tmp_path / 'ckpt_eval'}", *common],
+        ["instance_embed.eval_main", f"--saved_model={export_dir}",
+         f"--output_dir={tmp_path / 'saved_eval'}", *common])
     from_ckpt = json.load(open(tmp_path / "ckpt_eval" / "metrics.json"))
     from_saved = json.load(open(tmp_path / "saved_eval" / "metrics.json"))
     assert from_ckpt["num_images"] == 2 and from_ckpt["num_instances"] > 0
@@ -96,9 +108,30 @@ def test_dataset_main_summarizes_and_writes_images(trained_run, tmp_path):
     ("--image_size=100", "--image_size=100: must be a positive multiple of 32"),
 ])
 def test_train_main_refuses_bad_flags_at_start(flag, message, tmp_path):
-    out = _run("instance_embed.train_main", f"--model_dir={tmp_path}", flag, expect_ok=False)
-    assert out.returncode != 0
-    assert message in out.stderr
+    # In process: train_main.main checks its flags before it imports the training code.
+    # (The next test runs the program itself: exit status and message on stderr.)
+    from absl import app
+    from absl import flags
+    from absl.testing import flagsaver
+
+    from instance_embed import train_main
+
+    argv = ["train_main", f"--model_dir={tmp_path}", flag]
+    with flagsaver.flagsaver():
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(argv)
+        with pytest.raises(app.UsageError) as error:
+            train_main.main(argv[:1])
+    assert message in str(error.value)
+    assert not os.path.exists(tmp_path / "config.json")
+
+
+def test_train_main_program_exits_with_the_flag_error(tmp_path):
+    out = _run("instance_embed.train_main", f"--model_dir={tmp_path}", "--image_size=100",
+               expect_ok=False)
+    assert out.returncode == 1
+    assert "--image_size=100: must be a positive multiple of 32" in out.stderr
+    assert "Traceback" not in out.stderr
     assert not os.path.exists(tmp_path / "config.json")
 
 

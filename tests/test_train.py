@@ -308,21 +308,33 @@ _FIRST_STEP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _first_step_losses(strategy, data_dir, manual, model_dir):
-    script = _FIRST_STEP_SCRIPT.format(tests=os.path.join(REPO, "tests"), data=data_dir,
-                                       manual=manual, strategy=strategy, model_dir=model_dir)
+def _first_step_losses(strategies, data_dir, manual, root):
+    """{strategy: first-step losses}, each run in its own process, the processes at once."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env=env, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
+    processes = {}
+    for strategy in strategies:
+        script = _FIRST_STEP_SCRIPT.format(tests=os.path.join(REPO, "tests"), data=data_dir,
+                                           manual=manual, strategy=strategy,
+                                           model_dir=os.path.join(root, strategy))
+        processes[strategy] = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=env, cwd=REPO)
+    losses_by_strategy = {}
+    for strategy, process in processes.items():
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-3000:]
+        line = [l for l in out.splitlines() if l.startswith("RESULT")][-1]
+        losses_by_strategy[strategy] = json.loads(line[len("RESULT"):])
+    return losses_by_strategy
 
 
 def test_mirrored_first_step_equals_default(folder_dataset, tmp_path):
     data_dir, manual = folder_dataset
-    default = _first_step_losses("default", data_dir, manual, str(tmp_path / "default"))
-    mirrored = _first_step_losses("mirrored", data_dir, manual, str(tmp_path / "mirrored"))
+    # Prepared once here, so that the two processes only read it.
+    datasets.load("instance_folder", "train", data_dir=data_dir, manual_dir=manual)
+    losses_by_strategy = _first_step_losses(["default", "mirrored"], data_dir, manual,
+                                            str(tmp_path))
+    default, mirrored = losses_by_strategy["default"], losses_by_strategy["mirrored"]
     for key in ("total", "embedding", "classification"):
         assert mirrored[key] == pytest.approx(default[key], rel=1e-4, abs=1e-5), key
 
