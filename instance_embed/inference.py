@@ -225,7 +225,7 @@ class _SeedPasses:
     2. runs the greedy among the candidates only, from their `[C, C]` distances, and
        keeps its picks for as long as each one beats `(B, i_B)`: a higher score, or B
        with a lower index;
-    3. brings `D` up to date with those seeds, in one `[r, d + 2] x [d + 2, N]` product.
+    3. brings `D` up to date with those seeds, in one `[N, d] x [d, r]` product.
 
     Why this is exact: `D` is a running minimum and `f` is non-decreasing in `D`, so no
     pixel's score ever rises. Until the next pass, a non-candidate therefore still
@@ -250,9 +250,9 @@ class _SeedPasses:
     float32 inputs, checked exhaustively; that too only matters for scores equal to the
     last bit.)
 
-    Cost: a pass is a handful of ops over N pixels, an `[r, d + 2] x [d + 2, N]`
+    Cost: a pass is a handful of ops over N pixels, an `[N, d] x [d, r]`
     product, a `[C, C]` one and three tiny ops per pick, instead of about ten ops over
-    N and a `[1, d + 2] x [d + 2, N]` product per seed.
+    N and a `[1, d] x [d, N]` product per seed.
 
     Loop state (`initial_state`, `run`), with N' >= N the padded pixel count: `written`
     int32 (seeds known so far), `seeds` int32 [K + steps] (the first `written` are
@@ -280,18 +280,8 @@ class _SeedPasses:
         self.pad = padded - self.num_pixels
         self.log_seediness = tf.math.log(tf.pad(seediness, [[0, self.pad]]))  # [N']
         self.allowed = tf.pad(allowed, [[0, self.pad]])  # [N']
-        dim = tf.shape(points)[1]
-        norms = tf.reduce_sum(tf.square(points), axis=-1, keepdims=True)  # [N, 1]
-        # Columns a_p = [e_p, |e_p|^2, 1] and rows b_q = [-2 e_q, 1, |e_q|^2] give
-        # b_q . a_p = ||e_p - e_q||^2. Rows are only needed a few at a time:
-        # b_q = a_q^T to_rows, to_rows scaling by -2 and swapping the last two entries
-        # (one nonzero, -2 or 1, per column: the product is exact).
-        self.columns = tf.transpose(
-            tf.concat([points, norms, tf.ones_like(norms)], axis=-1))  # [d + 2, N]
-        self.to_rows = (
-            tf.linalg.diag(tf.concat([tf.fill([dim], -2.0), tf.zeros([2])], axis=0))
-            + tf.scatter_nd([[dim, dim + 1], [dim + 1, dim]], [1.0, 1.0],
-                            tf.stack([dim + 2, dim + 2])))  # [d + 2, d + 2]
+        self.points = points  # [N, d]
+        self.norms = tf.reduce_sum(tf.square(points), axis=-1)  # [N]
         self.first = _first_argmax(self.log_seediness[tf.newaxis],
                                    self.allowed[tf.newaxis])  # [1]
         self.num_allowed = tf.reduce_sum(tf.cast(allowed, tf.int32))
@@ -299,15 +289,18 @@ class _SeedPasses:
         self.not_self = tf.where(tf.eye(self.num_candidates, dtype=tf.bool),
                                  -math.inf, 0.0)  # [C, C]
 
-    def distances(self, pixels: tf.Tensor) -> tf.Tensor:
-        """int32 [r] -> float32 [r, N] squared distances, possibly slightly negative."""
-        columns = tf.gather(self.columns, pixels, axis=1)  # [d + 2, r]
-        return tf.matmul(tf.matmul(columns, self.to_rows, transpose_a=True), self.columns)
-
     def nearest(self, pixels: tf.Tensor) -> tf.Tensor:
-        """int32 [r] -> float32 [N'], the squared distance to the nearest of `pixels`."""
-        return tf.pad(tf.reduce_min(self.distances(pixels), axis=0), [[0, self.pad]],
-                      constant_values=math.inf)
+        """int32 [r] -> float32 [N'], the squared distance to the nearest of `pixels`.
+
+        (Possibly slightly negative: see `select_seeds`.)
+        """
+        # min_q |p - q|^2 = |p|^2 + min_q (|q|^2 - 2 p.q): the [N, r] product has the N
+        # rows on the left (about twice as fast on CPU as the other way round for a
+        # pass's few rows) and the -2 scales the r rows (exactly).
+        cross = tf.matmul(self.points, -2.0 * tf.gather(self.points, pixels),
+                          transpose_b=True)  # [N, r]
+        dist = tf.reduce_min(cross + tf.gather(self.norms, pixels)[tf.newaxis], axis=1)
+        return tf.pad(dist + self.norms, [[0, self.pad]], constant_values=math.inf)
 
     def initial_state(self):
         start = tf.maximum(self.first, 0)  # [1]
@@ -336,9 +329,11 @@ class _SeedPasses:
         # A padding candidate reads pixel N - 1; scoring -inf, it is only picked once
         # every allowed pixel is a seed (`seeds` drops those picks).
         pixels = tf.minimum(candidates, self.num_pixels - 1)
-        columns = tf.gather(self.columns, pixels, axis=1)  # [d + 2, C]
-        candidate_dist = tf.matmul(tf.matmul(columns, self.to_rows, transpose_a=True),
-                                   columns)  # [C, C]
+        candidate_points = tf.gather(self.points, pixels)  # [C, d]
+        candidate_norms = tf.gather(self.norms, pixels)  # [C]
+        candidate_dist = (
+            tf.matmul(-2.0 * candidate_points, candidate_points, transpose_b=True)
+            + candidate_norms[:, tf.newaxis] + candidate_norms[tf.newaxis])  # [C, C]
         # if_chosen[i, j]: candidate j's score were candidate i its nearest seed; -inf
         # on the diagonal makes a picked candidate chosen.
         if_chosen = self.not_self + _seed_scores(
@@ -396,9 +391,10 @@ def _seed_scores(log_seediness: tf.Tensor, dist: tf.Tensor, alpha: tf.Tensor) ->
 def grow_masks(embeddings: tf.Tensor, seed_indices: tf.Tensor, taus: tf.Tensor) -> tf.Tensor:
     """Masks `{q : sigma(seed, q) >= tau}` of all seeds, from one matrix product (paper 3.3).
 
-    `sigma >= tau` is `||e_q - e_seed||^2 <= log(2 / tau - 1)`. A seed always belongs to
-    its own mask (its distance is set to exactly 0, which rounding in the expanded
-    product would not guarantee); a seed of -1 gives an empty mask.
+    `sigma >= tau` is `||e_q - e_seed||^2 <= log(2 / tau - 1)`, the distances expanded as
+    in `mask_margins` (the same masks up to rounding at the threshold). A seed always
+    belongs to its own mask (set explicitly: rounding in the expanded product would not
+    guarantee it); a seed of -1 gives an empty mask.
 
     Args:
       embeddings: float [batch, height, width, dim].
@@ -408,9 +404,29 @@ def grow_masks(embeddings: tf.Tensor, seed_indices: tf.Tensor, taus: tf.Tensor) 
     Returns:
       bool [batch, K, height, width].
     """
-    margins = mask_margins(embeddings, seed_indices, taus)
-    valid = tf.cast(seed_indices, tf.int32) >= 0
-    return tf.logical_and(margins >= 0, valid[:, :, None, None])
+    embeddings = _as_float(embeddings, "embeddings", rank=4)
+    seed_indices = _as_int(seed_indices, "seed_indices", rank=2)
+    taus = _as_float(taus, "taus", rank=2)
+    points = _centred_points(embeddings)  # [B, N, d]
+    valid = seed_indices >= 0
+    safe_seeds = tf.maximum(seed_indices, 0)
+    seeds = tf.gather(points, safe_seeds, batch_dims=1)  # [B, K, d]
+    point_norms = tf.reduce_sum(tf.square(points), axis=-1)  # [B, N]
+    seed_norms = tf.reduce_sum(tf.square(seeds), axis=-1)  # [B, K]
+    # `|q|^2 - 2 q.s <= log(2 / tau - 1) - |s|^2`: two [B, K, N] operations after the
+    # product (-2 scales exactly), where the margins of `mask_margins` take six. An
+    # invalid seed's limit is -inf: its mask is empty.
+    cross = tf.matmul(-2.0 * seeds, points, transpose_b=True)  # [B, K, N]
+    limit = tf.where(valid, tf.math.log(2.0 / taus - 1.0) - seed_norms, -math.inf)
+    masks = cross + point_norms[:, None, :] <= limit[:, :, None]
+    # The seed itself, whatever the rounding: one update per seed.
+    shape = tf.shape(seed_indices)
+    batch_index = tf.broadcast_to(tf.range(shape[0])[:, None], shape)
+    seed_index = tf.broadcast_to(tf.range(shape[1])[None, :], shape)
+    masks = tf.tensor_scatter_nd_update(
+        masks, tf.stack([batch_index, seed_index, safe_seeds], axis=-1), valid)
+    size = tf.shape(embeddings)
+    return tf.reshape(masks, [size[0], shape[1], size[1], size[2]])
 
 
 def mask_margins(embeddings: tf.Tensor, seed_indices: tf.Tensor, taus: tf.Tensor) -> tf.Tensor:
@@ -466,9 +482,12 @@ def seed_classes_and_scores(class_probs: tf.Tensor, seed_indices: tf.Tensor
     _check_has_foreground(class_probs)
     shape = tf.shape(class_probs)
     num_taus, num_foreground = shape[3], shape[4] - 1
-    flat = tf.reshape(class_probs[..., 1:],
-                      [shape[0], shape[1] * shape[2], num_taus * num_foreground])
-    at_seeds = tf.gather(flat, tf.maximum(seed_indices, 0), batch_dims=1)  # [B, K, T*C]
+    # Gathered before the background is sliced off: the slice then copies K pixels,
+    # not all of them.
+    flat = tf.reshape(class_probs, [shape[0], shape[1] * shape[2], num_taus, shape[4]])
+    at_seeds = tf.gather(flat, tf.maximum(seed_indices, 0), batch_dims=1)  # [B, K, T, C+1]
+    at_seeds = tf.reshape(at_seeds[..., 1:], [shape[0], tf.shape(seed_indices)[1],
+                                              num_taus * num_foreground])  # [B, K, T*C]
     best = _first_argmax(at_seeds, tf.ones_like(at_seeds, tf.bool))
     scores = tf.gather(at_seeds, best, batch_dims=2)
     valid = seed_indices >= 0
@@ -551,18 +570,17 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
     order = _descending_order(tf.where(candidate, scores, -1.0))
     seeds, scores, classes, taus, candidate = (
         tf.gather(x, order, batch_dims=1) for x in (seeds, scores, classes, taus, candidate))
-    margins = mask_margins(embeddings, seeds, taus)  # [B, K, h, w]
+    low_res_masks = grow_masks(embeddings, seeds, taus)  # [B, K, h, w]
     keep = candidate
     if config.nms_iou_threshold is not None:
-        keep, support = _suppress_duplicates(
-            tf.logical_and(margins >= 0, (seeds >= 0)[:, :, None, None]), candidate,
-            config.nms_iou_threshold)
+        keep, support = _suppress_duplicates(low_res_masks, candidate,
+                                             config.nms_iou_threshold)
         if config.support_rescoring > 0:
             scores *= tf.minimum(1.0, tf.cast(support, tf.float32) / config.support_rescoring)
         order = _descending_order(tf.where(keep, scores, -1.0))
-        seeds, scores, classes, taus, keep, margins = (
+        seeds, scores, classes, taus, keep, low_res_masks = (
             tf.gather(x, order, batch_dims=1)
-            for x in (seeds, scores, classes, taus, keep, margins))
+            for x in (seeds, scores, classes, taus, keep, low_res_masks))
 
     draw = None
     if config.mask_upsampling == "joint_bilateral":
@@ -570,14 +588,14 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
             raise ValueError('InferenceConfig.mask_upsampling="joint_bilateral" needs the '
                              "images: pass images= to predict_instances")
         images = _as_float(images, "images", rank=4)
-        heads_size = tf.shape(margins)[2:4]
+        heads_size = tf.shape(low_res_masks)[2:4]
         tables, cells = mask_upsampling.bilateral_tables(images, heads_size,
                                                          config.bilateral_sigma)
 
         def draw(mask):
             return mask_upsampling.draw_mask(mask, tables, cells, image_size)
 
-    masks, instance_map = _full_resolution_masks(margins, keep, image_size, draw)
+    masks, instance_map = _full_resolution_masks(low_res_masks, keep, image_size, draw)
 
     return {
         "num_detections": tf.reduce_sum(tf.cast(keep, tf.int32), axis=-1),
@@ -590,11 +608,11 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
     }
 
 
-def _full_resolution_masks(margins: tf.Tensor, keep: tf.Tensor, size, draw=None
+def _full_resolution_masks(low_res_masks: tf.Tensor, keep: tf.Tensor, size, draw=None
                            ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Masks at `size = (H, W)` from heads-resolution margins, and the instance map.
+    """Masks at `size = (H, W)` from heads-resolution masks, and the instance map.
 
-    Each seed's 0/1 mask (margin >= 0) is resized bilinearly (`tf.image.resize`'s grid:
+    Each seed's 0/1 mask is resized bilinearly (`tf.image.resize`'s grid:
     half-pixel centres, edges clamped) and thresholded at 0.5. Every output is a convex
     combination of two inputs per axis, so where the inputs agree it keeps their value
     exactly.
@@ -608,7 +626,7 @@ def _full_resolution_masks(margins: tf.Tensor, keep: tf.Tensor, size, draw=None
     must give the masks the plain one gives.
 
     Args:
-      margins: float32 [batch, K, h, w], see `mask_margins`.
+      low_res_masks: bool [batch, K, h, w], see `grow_masks`.
       keep: bool [batch, K], True before False in every image; masks of other
         detections are empty.
       size: (H, W), ints or int32 tensors.
@@ -618,8 +636,8 @@ def _full_resolution_masks(margins: tf.Tensor, keep: tf.Tensor, size, draw=None
     Returns:
       (bool [batch, K, H, W], int32 [batch, H, W] with 1-based detection indices).
     """
-    shape = tf.shape(margins)
-    num_seeds = margins.shape[1]
+    shape = tf.shape(low_res_masks)
+    num_seeds = low_res_masks.shape[1]
     instance_map = tf.zeros(tf.stack([shape[0], size[0], size[1]]), tf.int32)
     if draw is None:
         row_low, row_high, row_frac = mask_upsampling.interpolation(shape[2], size[0])
@@ -636,7 +654,7 @@ def _full_resolution_masks(margins: tf.Tensor, keep: tf.Tensor, size, draw=None
             return tf.reshape(full, tf.shape(instance_map)) >= 0.5
 
     def step(k, masks, instance_map):
-        mask = tf.logical_and(draw(tf.gather(margins, k, axis=1) >= 0),
+        mask = tf.logical_and(draw(tf.gather(low_res_masks, k, axis=1)),
                               tf.gather(keep, k, axis=1)[:, None, None])
         return k - 1, masks.write(k, mask), tf.where(mask, k + 1, instance_map)
 
