@@ -404,20 +404,15 @@ def grow_masks(embeddings: tf.Tensor, seed_indices: tf.Tensor, taus: tf.Tensor) 
     Returns:
       bool [batch, K, height, width].
     """
-    embeddings = _as_float(embeddings, "embeddings", rank=4)
-    seed_indices = _as_int(seed_indices, "seed_indices", rank=2)
-    taus = _as_float(taus, "taus", rank=2)
-    points = _centred_points(embeddings)  # [B, N, d]
+    embeddings, seed_indices, thresholds, points, seeds, point_norms, seed_norms = (
+        _seed_geometry(embeddings, seed_indices, taus))
     valid = seed_indices >= 0
     safe_seeds = tf.maximum(seed_indices, 0)
-    seeds = tf.gather(points, safe_seeds, batch_dims=1)  # [B, K, d]
-    point_norms = tf.reduce_sum(tf.square(points), axis=-1)  # [B, N]
-    seed_norms = tf.reduce_sum(tf.square(seeds), axis=-1)  # [B, K]
     # `|q|^2 - 2 q.s <= log(2 / tau - 1) - |s|^2`: two [B, K, N] operations after the
     # product (-2 scales exactly), where the margins of `mask_margins` take six. An
     # invalid seed's limit is -inf: its mask is empty.
     cross = tf.matmul(-2.0 * seeds, points, transpose_b=True)  # [B, K, N]
-    limit = tf.where(valid, tf.math.log(2.0 / taus - 1.0) - seed_norms, -math.inf)
+    limit = tf.where(valid, thresholds - seed_norms, -math.inf)
     masks = cross + point_norms[:, None, :] <= limit[:, :, None]
     # The seed itself, whatever the rounding: one update per seed.
     shape = tf.shape(seed_indices)
@@ -445,21 +440,32 @@ def mask_margins(embeddings: tf.Tensor, seed_indices: tf.Tensor, taus: tf.Tensor
     Returns:
       float32 [batch, K, height, width].
     """
-    embeddings = _as_float(embeddings, "embeddings", rank=4)
-    seed_indices = _as_int(seed_indices, "seed_indices", rank=2)
-    taus = _as_float(taus, "taus", rank=2)
-    points = _centred_points(embeddings)  # [B, N, d]
-    seeds = tf.gather(points, tf.maximum(seed_indices, 0), batch_dims=1)  # [B, K, d]
-    point_norms = tf.reduce_sum(tf.square(points), axis=-1)
-    seed_norms = tf.reduce_sum(tf.square(seeds), axis=-1)
+    embeddings, seed_indices, thresholds, points, seeds, point_norms, seed_norms = (
+        _seed_geometry(embeddings, seed_indices, taus))
     cross = tf.matmul(seeds, points, transpose_b=True)  # [B, K, N]
     dist = tf.maximum(seed_norms[:, :, None] + point_norms[:, None, :] - 2.0 * cross, 0.0)
     at_seed = seed_indices[:, :, None] == tf.range(tf.shape(points)[1])[None, None, :]
     dist = tf.where(at_seed, 0.0, dist)
-    thresholds = tf.math.log(2.0 / taus - 1.0)  # [B, K]
     margins = thresholds[:, :, None] - dist
     shape = tf.shape(embeddings)
     return tf.reshape(margins, [shape[0], tf.shape(seed_indices)[1], shape[1], shape[2]])
+
+
+def _seed_geometry(embeddings, seed_indices, taus):
+    """What `grow_masks` and `mask_margins` share, after checking their arguments.
+
+    Returns float32 embeddings [B, h, w, d], int32 seed_indices [B, K], the distance
+    thresholds `log(2 / tau - 1)` [B, K], the centred points [B, N, d], the seeds' points
+    [B, K, d] (pixel 0's for a seed of -1) and the squared norms of both, [B, N] and
+    [B, K].
+    """
+    embeddings = _as_float(embeddings, "embeddings", rank=4)
+    seed_indices = _as_int(seed_indices, "seed_indices", rank=2)
+    thresholds = tf.math.log(2.0 / _as_float(taus, "taus", rank=2) - 1.0)
+    points = _centred_points(embeddings)
+    seeds = tf.gather(points, tf.maximum(seed_indices, 0), batch_dims=1)
+    return (embeddings, seed_indices, thresholds, points, seeds,
+            tf.reduce_sum(tf.square(points), axis=-1), tf.reduce_sum(tf.square(seeds), axis=-1))
 
 
 def seed_classes_and_scores(class_probs: tf.Tensor, seed_indices: tf.Tensor

@@ -28,17 +28,6 @@ def _run(*args, expect_ok=True):
     return out
 
 
-def _run_together(*commands):
-    """Runs each command (module and arguments) in its own process, all at once."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    processes = [subprocess.Popen([sys.executable, "-m", *command], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
-                 for command in commands]
-    for process in processes:
-        _, err = process.communicate(timeout=600)
-        assert process.returncode == 0, err[-3000:]
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("mains")
@@ -54,11 +43,12 @@ def test_eval_main_checkpoint_and_saved_model_agree(trained_run, tmp_path):
     export_dir = export.export_from_model_dir(model_dir, str(tmp_path / "export"))
     common = ["--dataset=instance_folder", f"--data_dir={data_dir}", f"--manual_dir={manual}",
               "--split=validation"]
-    _run_together(
-        ["instance_embed.eval_main", f"--model_dir={model_dir}",
-         f"--output_dir={tmp_path / 'ckpt_eval'}", *common],
-        ["instance_embed.eval_main", f"--saved_model={export_dir}",
-         f"--output_dir={tmp_path / 'saved_eval'}", *common])
+    eval_main = [sys.executable, "-m", "instance_embed.eval_main"]
+    test_train.run_together([
+        [*eval_main, f"--model_dir={model_dir}", f"--output_dir={tmp_path / 'ckpt_eval'}",
+         *common],
+        [*eval_main, f"--saved_model={export_dir}", f"--output_dir={tmp_path / 'saved_eval'}",
+         *common]])
     from_ckpt = json.load(open(tmp_path / "ckpt_eval" / "metrics.json"))
     from_saved = json.load(open(tmp_path / "saved_eval" / "metrics.json"))
     assert from_ckpt["num_images"] == 2 and from_ckpt["num_instances"] > 0

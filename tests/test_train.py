@@ -308,21 +308,31 @@ _FIRST_STEP_SCRIPT = textwrap.dedent("""
 """)
 
 
+def run_together(commands, timeout=600):
+    """Runs each command (an argv list) in its own process, all at once; their stdouts.
+
+    Each process must exit with status 0 (its stderr's end is the failure message).
+    """
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env, cwd=REPO) for command in commands]
+    outputs = []
+    for process in processes:
+        out, err = process.communicate(timeout=timeout)
+        assert process.returncode == 0, err[-3000:]
+        outputs.append(out)
+    return outputs
+
+
 def _first_step_losses(strategies, data_dir, manual, root):
     """{strategy: first-step losses}, each run in its own process, the processes at once."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    processes = {}
-    for strategy in strategies:
-        script = _FIRST_STEP_SCRIPT.format(tests=os.path.join(REPO, "tests"), data=data_dir,
-                                           manual=manual, strategy=strategy,
-                                           model_dir=os.path.join(root, strategy))
-        processes[strategy] = subprocess.Popen(
-            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=env, cwd=REPO)
+    scripts = [_FIRST_STEP_SCRIPT.format(tests=os.path.join(REPO, "tests"), data=data_dir,
+                                         manual=manual, strategy=strategy,
+                                         model_dir=os.path.join(root, strategy))
+               for strategy in strategies]
+    outputs = run_together([[sys.executable, "-c", script] for script in scripts], timeout=300)
     losses_by_strategy = {}
-    for strategy, process in processes.items():
-        out, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err[-3000:]
+    for strategy, out in zip(strategies, outputs):
         line = [l for l in out.splitlines() if l.startswith("RESULT")][-1]
         losses_by_strategy[strategy] = json.loads(line[len("RESULT"):])
     return losses_by_strategy
