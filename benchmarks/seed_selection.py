@@ -79,9 +79,9 @@ INPUTS = {"scene": scene, "equal seediness": equal_seediness, "one instance": on
 
 def certified_per_pass(embeddings, seediness):
     """Seeds certified by each pass, running `inference._SeedPasses` step by step."""
-    points = inference._centred_points(tf.constant(embeddings))[0]
+    points, norms = (x[0] for x in inference._pixel_geometry(tf.constant(embeddings)))
     seediness = tf.reshape(tf.constant(seediness), [-1])
-    passes = inference._SeedPasses(points, seediness, tf.ones_like(seediness, tf.bool),
+    passes = inference._SeedPasses(points, norms, seediness, tf.ones_like(seediness, tf.bool),
                                    NUM_SEEDS, tf.constant(ALPHA))
     state, counts = passes.initial_state(), []
     while passes.not_done(*state):

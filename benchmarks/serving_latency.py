@@ -93,12 +93,9 @@ def main():
 
     @tf.function
     def heads_postprocess(embeddings, logits):
-        probs = tf.nn.softmax(logits)
-        seeds = inference.select_seeds(embeddings, inference.seediness(probs),
-                                       infer.num_seeds, infer.alpha)
-        tau_index, _, _ = inference.seed_classes_and_scores(probs, seeds)
-        taus = tf.gather(tf.constant(infer.taus), tau_index)
-        return inference.grow_masks(embeddings, seeds, taus)
+        detections = inference.heads_resolution_detections(
+            embeddings, tf.nn.softmax(logits), infer)
+        return detections["masks"]
 
     @tf.function
     def full_postprocess(embeddings, logits):

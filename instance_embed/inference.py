@@ -12,8 +12,10 @@ from `p` at tau is an instance of class `c` (0 = a bad seed). Inference is:
 4. per seed, the mask `{q : sigma(p, q) >= tau}` with `sigma = 2 / (1 + exp(d2))`,
    i.e. `d2 <= log(2 / tau - 1)`, for all seeds at once as one matrix product
    (`grow_masks`);
-5. `predict_instances` runs all of it, optionally drops low scores and near-duplicate
-   masks, sorts the detections by score and brings the masks to the input resolution.
+5. `heads_resolution_detections` runs steps 1-4 (sharing the centred embeddings between
+   seed selection and mask growing) and sorts the detections by score;
+   `predict_instances` builds on it: it optionally drops low scores and near-duplicate
+   masks and brings the masks to the input resolution.
 
 Everything is TensorFlow ops on batched tensors with a static number of seeds K, so it
 runs eagerly, inside `tf.function` (unknown batch and image sizes included) and under
@@ -33,14 +35,22 @@ import tensorflow as tf
 
 from instance_embed import mask_upsampling
 
+# The public functions are plain TensorFlow ops with Python-level structure only (no
+# data-dependent Python control flow), so AutoGraph has nothing to convert. It is kept
+# out: converting them once failed in a full test session and not when the same test
+# ran alone ("tf__seediness() takes from 0 to 1 positional arguments but 5 were given",
+# raised by the call to `_select_seeds` in a converted `select_seeds`).
+_graph_ready = tf.autograph.experimental.do_not_convert
+
 PAPER_TAUS = (0.25, 0.5, 0.75, 0.9)
 MASK_UPSAMPLING = ("bilinear", "joint_bilateral")
 # Greedy seed selection in passes (see `_SeedPasses`): candidates per pass (a multiple
-# of 8), most seeds a pass may certify, and the product size used to update distances
-# after a pass that certified at most that many.
-_SEED_CANDIDATES = 64
-_SEEDS_PER_PASS = 32
-_SMALL_SEED_UPDATE = 8
+# of 8), most seeds a pass may certify, and the first block of picks (blocks then double;
+# a block runs only while every pick before it was certified, and distances are updated
+# with as many rows as the blocks that held the certified seeds).
+_SEED_CANDIDATES = 128
+_SEEDS_PER_PASS = 64
+_SEED_BLOCK = 8
 _LOWEST = -3.4028234663852886e38  # the lowest finite float32
 
 
@@ -124,6 +134,7 @@ class InferenceConfig:
                           "counts suppressed duplicates: set nms_iou_threshold too")
 
 
+@_graph_ready
 def seediness(class_probs: tf.Tensor) -> tf.Tensor:
     """Seediness, the best foreground probability over taus and classes (paper 3.4).
 
@@ -136,9 +147,14 @@ def seediness(class_probs: tf.Tensor) -> tf.Tensor:
     """
     class_probs = _as_float(class_probs, "class_probs", rank=5)
     _check_has_foreground(class_probs)
-    return tf.reduce_max(class_probs[..., 1:], axis=[-2, -1])
+    # A row per (pixel, tau), reduced over its contiguous classes, then over taus: several
+    # times faster on CPU than one reduction over the two trailing axes of a slice.
+    shape = tf.shape(class_probs)
+    per_tau = tf.reduce_max(tf.reshape(class_probs, [-1, shape[4]])[:, 1:], axis=-1)
+    return tf.reduce_max(tf.reshape(per_tau, shape[:4]), axis=-1)
 
 
+@_graph_ready
 def select_seeds(embeddings: tf.Tensor, seediness: tf.Tensor, num_seeds: int,
                  alpha: float | tf.Tensor, valid_pixels: tf.Tensor | None = None
                  ) -> tf.Tensor:
@@ -182,33 +198,43 @@ def select_seeds(embeddings: tf.Tensor, seediness: tf.Tensor, num_seeds: int,
         raise ValueError(f"alpha={alpha!r}: must be a finite number >= 0")
     alpha = tf.cast(alpha, tf.float32)
     _check_same_spatial(embeddings, "embeddings", seediness, "seediness")
+    valid_pixels = _check_valid_pixels(valid_pixels, seediness)
+    return _select_seeds(_pixel_geometry(embeddings), seediness, num_seeds, alpha, valid_pixels)
 
-    points = _centred_points(embeddings)  # [B, N, d]
-    pixel_seediness = tf.reshape(seediness, tf.shape(points)[:2])  # [B, N]
+
+def _select_seeds(geometry: tuple[tf.Tensor, tf.Tensor], seediness: tf.Tensor,
+                  num_seeds: int, alpha: tf.Tensor, valid_pixels: tf.Tensor | None
+                  ) -> tf.Tensor:
+    """`select_seeds` after its checks, from `_pixel_geometry`'s (points, norms)."""
+    points, norms = geometry  # [B, N, d], [B, N]
+    pixel_seediness = tf.reshape(seediness, tf.shape(norms))  # [B, N]
     if valid_pixels is None:
         allowed = tf.ones_like(pixel_seediness, tf.bool)
     else:
-        valid_pixels = tf.convert_to_tensor(valid_pixels)
-        if valid_pixels.dtype != tf.bool:
-            raise TypeError(f"valid_pixels must be a bool tensor, got {valid_pixels.dtype.name}")
-        _check_rank(valid_pixels, "valid_pixels", 3)
-        _check_same_spatial(seediness, "seediness", valid_pixels, "valid_pixels")
-        allowed = tf.reshape(valid_pixels, tf.shape(pixel_seediness))
+        allowed = tf.reshape(valid_pixels, tf.shape(norms))
     # One image at a time: 2-D matmuls are several times faster on CPU than batched
-    # ones (BatchMatMul), and serving batches are small.
-    return tf.map_fn(
-        lambda image: _greedy_seeds(*image, num_seeds=num_seeds, alpha=alpha),
-        (points, pixel_seediness, allowed),
-        fn_output_signature=tf.TensorSpec([num_seeds], tf.int32))
+    # ones (BatchMatMul), and serving batches are small. A batch of one (the usual
+    # serving request) skips map_fn, whose loop and TensorList copies cost about as much
+    # as a pass.
+    def one_image(image):
+        return _greedy_seeds(*image, num_seeds=num_seeds, alpha=alpha)
+
+    images = (points, norms, pixel_seediness, allowed)
+    return tf.cond(
+        tf.shape(points)[0] == 1,
+        lambda: one_image([x[0] for x in images])[tf.newaxis],
+        lambda: tf.map_fn(one_image, images,
+                          fn_output_signature=tf.TensorSpec([num_seeds], tf.int32)))
 
 
-def _greedy_seeds(points: tf.Tensor, seediness: tf.Tensor, allowed: tf.Tensor,
-                  num_seeds: int, alpha: tf.Tensor) -> tf.Tensor:
-    """`select_seeds` of one image: `points [N, d]`, `seediness [N]`, `allowed [N]`.
+def _greedy_seeds(points: tf.Tensor, norms: tf.Tensor, seediness: tf.Tensor,
+                  allowed: tf.Tensor, num_seeds: int, alpha: tf.Tensor) -> tf.Tensor:
+    """`select_seeds` of one image: `points [N, d]` (centred), their squared norms
+    `[N]`, `seediness [N]`, `allowed [N]`.
 
     Returns int32 [num_seeds]. See `_SeedPasses` for the method.
     """
-    passes = _SeedPasses(points, seediness, allowed, num_seeds, alpha)
+    passes = _SeedPasses(points, norms, seediness, allowed, num_seeds, alpha)
     return passes.seeds(tf.while_loop(passes.not_done, passes.run, passes.initial_state()))
 
 
@@ -224,8 +250,11 @@ class _SeedPasses:
        `i_B`;
     2. runs the greedy among the candidates only, from their `[C, C]` distances, and
        keeps its picks for as long as each one beats `(B, i_B)`: a higher score, or B
-       with a lower index;
-    3. brings `D` up to date with those seeds, in one `[N, d] x [d, r]` product.
+       with a lower index. The picks run in blocks (8, 8, 16, 32, ...): a block runs
+       only if every pick before it was kept, so a pass that keeps few seeds (the first
+       one typically keeps about one per object) costs few picks;
+    3. brings `D` up to date with those seeds, in one `[N, d] x [d, r]` product, r the
+       size of the blocks that held them.
 
     Why this is exact: `D` is a running minimum and `f` is non-decreasing in `D`, so no
     pixel's score ever rises. Until the next pass, a non-candidate therefore still
@@ -252,7 +281,10 @@ class _SeedPasses:
 
     Cost: a pass is a handful of ops over N pixels, an `[N, d] x [d, r]`
     product, a `[C, C]` one and three tiny ops per pick, instead of about ten ops over
-    N and a `[1, d] x [d, N]` product per seed.
+    N and a `[1, d] x [d, N]` product per seed. In the plain (non-XLA) graph every op
+    also costs a few microseconds of executor time, which is why picks run in blocks
+    and why C = 128: on benchmarks/postprocess.py's scene the 100 seeds take 3 passes
+    instead of 5 with C = 64 (benchmarks/seed_selection.py prints the counts).
 
     Loop state (`initial_state`, `run`), with N' >= N the padded pixel count: `written`
     int32 (seeds known so far), `seeds` int32 [K + steps] (the first `written` are
@@ -260,13 +292,16 @@ class _SeedPasses:
     `min_dist` float32 [N'] (`D`).
     """
 
-    def __init__(self, points: tf.Tensor, seediness: tf.Tensor, allowed: tf.Tensor,
-                 num_seeds: int, alpha: tf.Tensor):
+    def __init__(self, points: tf.Tensor, norms: tf.Tensor, seediness: tf.Tensor,
+                 allowed: tf.Tensor, num_seeds: int, alpha: tf.Tensor):
         self.num_seeds = num_seeds
         self.num_candidates = _SEED_CANDIDATES
         # A pass can certify at most C - 1 seeds: the bounding candidate never qualifies.
         self.steps = max(1, min(_SEEDS_PER_PASS, _SEED_CANDIDATES - 1, num_seeds - 1))
-        self.small_update = min(_SMALL_SEED_UPDATE, self.steps)
+        self.blocks = []  # pick block sizes: b, b, 2b, 4b, ..., summing to `steps`
+        while sum(self.blocks) < self.steps:
+            size = max(_SEED_BLOCK, sum(self.blocks))
+            self.blocks.append(min(size, self.steps - sum(self.blocks)))
         self.alpha = alpha
         self.num_pixels = tf.shape(points)[0]
         # Per-pixel vectors are padded to N', a multiple of 64 and at least C, with
@@ -281,7 +316,7 @@ class _SeedPasses:
         self.log_seediness = tf.math.log(tf.pad(seediness, [[0, self.pad]]))  # [N']
         self.allowed = tf.pad(allowed, [[0, self.pad]])  # [N']
         self.points = points  # [N, d]
-        self.norms = tf.reduce_sum(tf.square(points), axis=-1)  # [N]
+        self.norms = norms  # [N]
         self.first = _first_argmax(self.log_seediness[tf.newaxis],
                                    self.allowed[tf.newaxis])  # [1]
         self.num_allowed = tf.reduce_sum(tf.cast(allowed, tf.int32))
@@ -338,38 +373,65 @@ class _SeedPasses:
         # on the diagonal makes a picked candidate chosen.
         if_chosen = self.not_self + _seed_scores(
             tf.gather(self.log_seediness, pixels)[tf.newaxis], candidate_dist, self.alpha)
-        # (2) `steps` picks, unrolled: three small ops each.
+        # (2) Up to `steps` picks, in blocks; a block that does not run yields picks
+        # that are not certified.
+        def beats_bound(values, picks):
+            return tf.logical_or(values > bound,
+                                 tf.logical_and(values == bound, picks < bound_index))
+
         current = tf.gather(scores, candidates)[tf.newaxis]  # [1, C]
-        one = tf.constant(1)
-        values, positions = [], []
-        for _ in range(steps):
-            best = tf.math.top_k(current, k=one)  # [1, 1] values and positions
-            values.append(best.values)
-            positions.append(best.indices)
-            current = tf.minimum(current, tf.gather_nd(if_chosen, best.indices))
-        values = tf.reshape(tf.concat(values, axis=0), [steps])
-        picks = tf.gather(candidates, tf.reshape(tf.concat(positions, axis=0), [steps]))
-        beats_bound = tf.logical_or(values > bound,
-                                    tf.logical_and(values == bound, picks < bound_index))
-        certified = tf.math.cumprod(tf.cast(beats_bound, tf.int32))  # the leading run
+        picks, certified = [], []
+        for block, size in enumerate(self.blocks):
+            if block == 0:
+                current, block_values, block_picks = self._pick(current, if_chosen,
+                                                                candidates, size)
+                certified.append(beats_bound(block_values, block_picks))
+            else:
+                go = tf.logical_and(tf.reduce_all(certified[-1]),
+                                    written + sum(self.blocks[:block]) < self.limit)
+                current, block_values, block_picks = tf.cond(
+                    go,
+                    lambda size=size, current=current: self._pick(current, if_chosen,
+                                                                  candidates, size),
+                    lambda size=size, current=current: (
+                        current, tf.fill([size], -math.inf), tf.fill([size], 0)))
+                certified.append(tf.logical_and(go, beats_bound(block_values, block_picks)))
+            picks.append(block_picks)
+        picks = tf.concat(picks, axis=0)  # [steps]
+        certified = tf.math.cumprod(tf.cast(tf.concat(certified, axis=0), tf.int32))
         count = tf.maximum(tf.reduce_sum(certified), 1)  # (the first pick always beats it)
         # The uncertified picks are written too; the next pass overwrites them.
         seeds = tf.tensor_scatter_nd_update(
             seeds, (written + tf.range(steps))[:, tf.newaxis], picks)
         written += count
         # (3) The new seeds, padded with repeats of the first (a repeat changes no
-        # minimum). The product has `small_update` rows when that is enough, and is
-        # skipped after the last pass.
+        # minimum). The product has as many rows as the blocks that hold the new seeds,
+        # and is skipped after the last pass.
         new = tf.minimum(tf.where(certified > 0, picks, picks[0]), self.num_pixels - 1)
         chosen = tf.tensor_scatter_nd_update(chosen, new[:, tf.newaxis],
                                              tf.ones_like(new, tf.bool))
-        update = tf.where(written >= self.limit, 0, tf.where(count <= self.small_update, 1, 2))
-        min_dist = tf.switch_case(update, [
-            lambda: min_dist,
-            lambda: tf.minimum(min_dist, self.nearest(new[:self.small_update])),
-            lambda: tf.minimum(min_dist, self.nearest(new)),
-        ])
+        ends = [sum(self.blocks[:i + 1]) for i in range(len(self.blocks))]
+        update = tf.where(written >= self.limit, 0,
+                          1 + tf.reduce_sum(tf.cast(count > tf.constant(ends), tf.int32)))
+        min_dist = tf.switch_case(update, [lambda: min_dist] + [
+            lambda end=end: tf.minimum(min_dist, self.nearest(new[:end])) for end in ends])
         return written, seeds, chosen, min_dist
+
+    def _pick(self, current, if_chosen, candidates, size):
+        """`size` greedy picks among the candidates, unrolled: three small ops each.
+
+        Returns the scores `[1, C]` after them, and their scores and pixels, `[size]`.
+        """
+        one = tf.constant(1)
+        values, positions = [], []
+        for _ in range(size):
+            best = tf.math.top_k(current, k=one)  # [1, 1] values and positions
+            values.append(best.values)
+            positions.append(best.indices)
+            current = tf.minimum(current, tf.gather_nd(if_chosen, best.indices))
+        positions = tf.reshape(tf.concat(positions, axis=0), [size])
+        return (current, tf.reshape(tf.concat(values, axis=0), [size]),
+                tf.gather(candidates, positions))
 
     def seeds(self, state) -> tf.Tensor:
         """int32 [K] from the final loop state: -1 once every allowed pixel is a seed."""
@@ -388,6 +450,7 @@ def _seed_scores(log_seediness: tf.Tensor, dist: tf.Tensor, alpha: tf.Tensor) ->
     return tf.where(scores >= _LOWEST, scores, _LOWEST)
 
 
+@_graph_ready
 def grow_masks(embeddings: tf.Tensor, seed_indices: tf.Tensor, taus: tf.Tensor) -> tf.Tensor:
     """Masks `{q : sigma(seed, q) >= tau}` of all seeds, from one matrix product (paper 3.3).
 
@@ -404,10 +467,23 @@ def grow_masks(embeddings: tf.Tensor, seed_indices: tf.Tensor, taus: tf.Tensor) 
     Returns:
       bool [batch, K, height, width].
     """
-    embeddings, seed_indices, thresholds, points, seeds, point_norms, seed_norms = (
-        _seed_geometry(embeddings, seed_indices, taus))
-    valid = seed_indices >= 0
+    embeddings = _as_float(embeddings, "embeddings", rank=4)
+    seed_indices = _as_int(seed_indices, "seed_indices", rank=2)
+    taus = _as_float(taus, "taus", rank=2)
+    return _grow_masks(_pixel_geometry(embeddings), tf.shape(embeddings)[1:3], seed_indices,
+                       taus)
+
+
+def _grow_masks(geometry: tuple[tf.Tensor, tf.Tensor], size: tf.Tensor,
+                seed_indices: tf.Tensor, taus: tf.Tensor) -> tf.Tensor:
+    """`grow_masks` after its checks, from `_pixel_geometry`'s (points, norms) and the
+    heads' `size` (h, w)."""
+    points, point_norms = geometry
+    thresholds = tf.math.log(2.0 / taus - 1.0)
     safe_seeds = tf.maximum(seed_indices, 0)
+    seeds = tf.gather(points, safe_seeds, batch_dims=1)  # [B, K, d]
+    seed_norms = tf.gather(point_norms, safe_seeds, batch_dims=1)  # [B, K]
+    valid = seed_indices >= 0
     # `|q|^2 - 2 q.s <= log(2 / tau - 1) - |s|^2`: two [B, K, N] operations after the
     # product (-2 scales exactly), where the margins of `mask_margins` take six. An
     # invalid seed's limit is -inf: its mask is empty.
@@ -420,10 +496,10 @@ def grow_masks(embeddings: tf.Tensor, seed_indices: tf.Tensor, taus: tf.Tensor) 
     seed_index = tf.broadcast_to(tf.range(shape[1])[None, :], shape)
     masks = tf.tensor_scatter_nd_update(
         masks, tf.stack([batch_index, seed_index, safe_seeds], axis=-1), valid)
-    size = tf.shape(embeddings)
-    return tf.reshape(masks, [size[0], shape[1], size[1], size[2]])
+    return tf.reshape(masks, [shape[0], shape[1], size[0], size[1]])
 
 
+@_graph_ready
 def mask_margins(embeddings: tf.Tensor, seed_indices: tf.Tensor, taus: tf.Tensor) -> tf.Tensor:
     """Signed mask margins `log(2 / tau_k - 1) - ||e_q - e_seed_k||^2`.
 
@@ -462,12 +538,14 @@ def _seed_geometry(embeddings, seed_indices, taus):
     embeddings = _as_float(embeddings, "embeddings", rank=4)
     seed_indices = _as_int(seed_indices, "seed_indices", rank=2)
     thresholds = tf.math.log(2.0 / _as_float(taus, "taus", rank=2) - 1.0)
-    points = _centred_points(embeddings)
-    seeds = tf.gather(points, tf.maximum(seed_indices, 0), batch_dims=1)
-    return (embeddings, seed_indices, thresholds, points, seeds,
-            tf.reduce_sum(tf.square(points), axis=-1), tf.reduce_sum(tf.square(seeds), axis=-1))
+    points, point_norms = _pixel_geometry(embeddings)
+    safe_seeds = tf.maximum(seed_indices, 0)
+    return (embeddings, seed_indices, thresholds, points,
+            tf.gather(points, safe_seeds, batch_dims=1), point_norms,
+            tf.gather(point_norms, safe_seeds, batch_dims=1))
 
 
+@_graph_ready
 def seed_classes_and_scores(class_probs: tf.Tensor, seed_indices: tf.Tensor
                             ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Per seed, `(tau, c) = argmax over taus and classes c >= 1 of C[p, tau, c]` (paper 3.4).
@@ -503,6 +581,52 @@ def seed_classes_and_scores(class_probs: tf.Tensor, seed_indices: tf.Tensor
     return tau_index, classes, scores
 
 
+@_graph_ready
+def heads_resolution_detections(embeddings: tf.Tensor, class_probs: tf.Tensor,
+                                config: InferenceConfig | None = None,
+                                valid_pixels: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+    """The paper's inference at the heads' resolution: steps 1-4 of this module.
+
+    `seediness`, `select_seeds`, `seed_classes_and_scores` and `grow_masks` in one call
+    (the centred embeddings and their norms are computed once for seed selection and
+    mask growing), with the detections sorted by descending score (ties in seed order)
+    and missing seeds (-1) last. `predict_instances` builds on it; this is also what
+    benchmarks/postprocess.py times.
+
+    Args:
+      embeddings: float [batch, h, w, dim].
+      class_probs: float [batch, h, w, num_taus, num_classes + 1], softmax over the last
+        axis.
+      config: an `InferenceConfig` (num_seeds, alpha and taus are used); the paper's
+        defaults when None.
+      valid_pixels: optional bool [batch, h, w], the pixels that may seed (see
+        `select_seeds`).
+
+    Returns:
+      A dict of seed_indices int32 [batch, K] (-1: no seed), classes int32 [batch, K]
+      (0 for no seed), scores float32 [batch, K], taus float32 [batch, K] (the tau each
+      mask was grown with) and masks bool [batch, K, h, w].
+    """
+    config, embeddings, class_probs = _check_heads_outputs(config, embeddings, class_probs,
+                                                           "class_probs")
+    seed_map = seediness(class_probs)
+    valid_pixels = _check_valid_pixels(valid_pixels, seed_map)
+
+    geometry = _pixel_geometry(embeddings)
+    seeds = _select_seeds(geometry, seed_map, config.num_seeds,
+                          tf.constant(config.alpha, tf.float32), valid_pixels)
+    tau_index, classes, scores = seed_classes_and_scores(class_probs, seeds)
+    taus = tf.gather(tf.constant(config.taus, tf.float32), tau_index)
+    # Score order first: the masks are then grown in it rather than gathered.
+    order = _descending_order(tf.where(seeds >= 0, scores, -1.0))
+    seeds, classes, scores, taus = (
+        tf.gather(x, order, batch_dims=1) for x in (seeds, classes, scores, taus))
+    masks = _grow_masks(geometry, tf.shape(embeddings)[1:3], seeds, taus)
+    return {"seed_indices": seeds, "classes": classes, "scores": scores, "taus": taus,
+            "masks": masks}
+
+
+@_graph_ready
 def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
                       image_size: Sequence[int] | tf.Tensor,
                       config: InferenceConfig | None = None,
@@ -511,7 +635,7 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
     """Instance masks, classes and scores for a batch, at the input image's resolution.
 
     Seeds, classes, scores and masks are computed at the heads' resolution as in the
-    paper. Masks reach `image_size` by bilinearly resizing each seed's heads-resolution
+    paper (`heads_resolution_detections`). Masks reach `image_size` by bilinearly resizing each seed's heads-resolution
     0/1 mask and thresholding at 0.5, rather than resizing the embeddings: this needs no
     distance computation at full resolution, a full-resolution pixel whose surrounding
     heads-resolution pixels agree on a mask gets that answer, and the boundary falls
@@ -551,32 +675,17 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
         instance_map: int32 [batch, H, W], for each pixel the 1-based index of the
           highest-scored mask covering it (the first in detection order), 0 elsewhere.
     """
-    config = config if config is not None else InferenceConfig()
-    if not isinstance(config, InferenceConfig):
-        raise TypeError(f"config must be an InferenceConfig, got {type(config).__name__}")
-    embeddings = _as_float(embeddings, "embeddings", rank=4)
-    class_logits = _as_float(class_logits, "class_logits", rank=5)
-    _check_same_spatial(embeddings, "embeddings", class_logits, "class_logits")
-    num_taus = class_logits.shape[3]
-    if num_taus is not None and num_taus != len(config.taus):
-        raise ValueError(
-            f"class_logits has {num_taus} tau slices but config.taus has {len(config.taus)} "
-            f"values {config.taus}: they must match the model's ModelConfig.taus")
+    config, embeddings, class_logits = _check_heads_outputs(config, embeddings, class_logits,
+                                                            "class_logits")
     image_size = _check_image_size(image_size)
-    num_seeds = config.num_seeds
 
-    class_probs = tf.nn.softmax(class_logits, axis=-1)
-    seeds = select_seeds(embeddings, seediness(class_probs), num_seeds, config.alpha,
-                         valid_pixels)
-    tau_index, classes, scores = seed_classes_and_scores(class_probs, seeds)
-    taus = tf.gather(tf.constant(config.taus, tf.float32), tau_index)
+    # In score order, so that suppression lets higher scores win; the detections below
+    # the threshold then follow those above it.
+    detections = heads_resolution_detections(
+        embeddings, tf.nn.softmax(class_logits, axis=-1), config, valid_pixels)
+    seeds, scores, classes, taus, low_res_masks = (
+        detections[key] for key in ("seed_indices", "scores", "classes", "taus", "masks"))
     candidate = tf.logical_and(seeds >= 0, scores >= config.score_threshold)
-
-    # Score order first, so that suppression lets higher scores win.
-    order = _descending_order(tf.where(candidate, scores, -1.0))
-    seeds, scores, classes, taus, candidate = (
-        tf.gather(x, order, batch_dims=1) for x in (seeds, scores, classes, taus, candidate))
-    low_res_masks = grow_masks(embeddings, seeds, taus)  # [B, K, h, w]
     keep = candidate
     if config.nms_iou_threshold is not None:
         keep, support = _suppress_duplicates(low_res_masks, candidate,
@@ -775,6 +884,13 @@ def _centred_points(embeddings: tf.Tensor) -> tf.Tensor:
     return points - tf.reduce_mean(points, axis=1, keepdims=True)
 
 
+def _pixel_geometry(embeddings: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """The centred points `[B, N, d]` and their squared norms `[B, N]`, computed once
+    for both seed selection and mask growing."""
+    points = _centred_points(embeddings)
+    return points, tf.reduce_sum(tf.square(points), axis=-1)
+
+
 def _as_float(x, name: str, rank: int) -> tf.Tensor:
     x = tf.convert_to_tensor(x)
     if not (x.dtype.is_floating):
@@ -809,6 +925,36 @@ def _check_same_spatial(a: tf.Tensor, a_name: str, b: tf.Tensor, b_name: str) ->
         if da is not None and db is not None and da != db:
             raise ValueError(f"{a_name} {a.shape} and {b_name} {b.shape} disagree on the "
                              "batch and heads-resolution dimensions")
+
+
+def _check_heads_outputs(config, embeddings, per_tau, per_tau_name: str):
+    """(config, embeddings, per_tau) checked: the paper's config when None; float
+    embeddings [B, h, w, d] and class probabilities or logits [B, h, w, T, C+1] on the same
+    grid, with as many tau slices as `config.taus`."""
+    config = config if config is not None else InferenceConfig()
+    if not isinstance(config, InferenceConfig):
+        raise TypeError(f"config must be an InferenceConfig, got {type(config).__name__}")
+    embeddings = _as_float(embeddings, "embeddings", rank=4)
+    per_tau = _as_float(per_tau, per_tau_name, rank=5)
+    _check_same_spatial(embeddings, "embeddings", per_tau, per_tau_name)
+    num_taus = per_tau.shape[3]
+    if num_taus is not None and num_taus != len(config.taus):
+        raise ValueError(
+            f"{per_tau_name} has {num_taus} tau slices but config.taus has {len(config.taus)} "
+            f"values {config.taus}: they must match the model's ModelConfig.taus")
+    return config, embeddings, per_tau
+
+
+def _check_valid_pixels(valid_pixels, seediness: tf.Tensor):
+    """None, or `valid_pixels` as a bool tensor on seediness's [B, h, w] grid."""
+    if valid_pixels is None:
+        return None
+    valid_pixels = tf.convert_to_tensor(valid_pixels)
+    if valid_pixels.dtype != tf.bool:
+        raise TypeError(f"valid_pixels must be a bool tensor, got {valid_pixels.dtype.name}")
+    _check_rank(valid_pixels, "valid_pixels", 3)
+    _check_same_spatial(seediness, "seediness", valid_pixels, "valid_pixels")
+    return valid_pixels
 
 
 def _check_num_seeds(num_seeds) -> int:

@@ -470,15 +470,15 @@ def check_select_seeds_cases(rng, num_cases, xla_cases):
             assert got.tolist() == want, context
 
 
-def set_pass_sizes(monkeypatch, candidates, seeds_per_pass, small_update):
+def set_pass_sizes(monkeypatch, candidates, seeds_per_pass, block):
     monkeypatch.setattr(inference, "_SEED_CANDIDATES", candidates)
     monkeypatch.setattr(inference, "_SEEDS_PER_PASS", seeds_per_pass)
-    monkeypatch.setattr(inference, "_SMALL_SEED_UPDATE", small_update)
+    monkeypatch.setattr(inference, "_SEED_BLOCK", block)
 
 
-# (candidates, most seeds per pass, rows of the small update): the defaults, and small
+# (candidates, most seeds per pass, first block of picks): the defaults, and small
 # candidate pools, with which small images take many passes and the bound is often tied.
-@pytest.mark.parametrize("pass_sizes", [None, (8, 1, 1), (8, 4, 2)])
+@pytest.mark.parametrize("pass_sizes", [None, (8, 1, 1), (8, 4, 2), (16, 15, 1)])
 def test_select_seeds_equals_one_seed_per_step_version_and_numpy(pass_sizes, monkeypatch):
     if pass_sizes is not None:
         set_pass_sizes(monkeypatch, *pass_sizes)
@@ -519,9 +519,9 @@ def test_select_seeds_certifies_many_seeds_per_pass():
     rng = np.random.default_rng(13)
     embeddings = rng.normal(size=(24 * 24, 8)).astype(np.float32)
     seediness = rng.uniform(0.01, 1.0, 24 * 24).astype(np.float32)
-    points = inference._centred_points(tf.constant(embeddings[None, None]))[0]
-    passes = inference._SeedPasses(points, tf.constant(seediness), tf.ones([24 * 24], tf.bool),
-                                   100, tf.constant(0.3))
+    points, norms = (x[0] for x in inference._pixel_geometry(tf.constant(embeddings[None, None])))
+    passes = inference._SeedPasses(points, norms, tf.constant(seediness),
+                                   tf.ones([24 * 24], tf.bool), 100, tf.constant(0.3))
     state, counts = passes.initial_state(), []
     while passes.not_done(*state):
         new_state = passes.run(*state)
@@ -593,6 +593,46 @@ def reference_detections(embeddings, logits, config):
         results.append(([seeds[k] for k in kept], [classes[k] for k in kept],
                         [scores[k] for k in kept], [taus[k] for k in kept]))
     return results
+
+
+@pytest.mark.parametrize("num_seeds, with_valid", [(16, False), (20, True)])
+def test_heads_resolution_detections_match_numpy(num_seeds, with_valid):
+    """Steps 1-4 in one call: the NumPy greedy's seeds, classes, scores and masks,
+    sorted by descending score (ties in seed order), missing seeds last."""
+    rng = np.random.default_rng(8)
+    embeddings, logits = clustered_inputs(rng, h=5, w=6)
+    valid = None
+    if with_valid:  # 16 and 14 pixels may seed, fewer than K: the rest are -1
+        valid = np.zeros((2, 5, 6), bool)
+        valid[0, :4, :4] = True
+        valid[1, 1:3] = True
+        valid[1, 4, :2] = True
+    config = inference.InferenceConfig(num_seeds=num_seeds)
+    probs = np_softmax(logits).astype(np.float32)
+    out = to_numpy(inference.heads_resolution_detections(embeddings, probs, config, valid))
+    assert out["masks"].shape == (2, num_seeds, 5, 6) and out["masks"].dtype == bool
+    for b in range(2):
+        seeds = np_select_seeds(embeddings[b], np_seediness(probs[b]), num_seeds,
+                                config.alpha, None if valid is None else valid[b])
+        tau_index, classes, scores = np_classes_and_scores(probs[b], seeds)
+        keys = [score if seed >= 0 else -1.0 for seed, score in zip(seeds, scores)]
+        order = sorted(range(num_seeds), key=lambda k: (-keys[k], k))
+        assert out["seed_indices"][b].tolist() == [seeds[k] for k in order]
+        assert out["classes"][b].tolist() == [classes[k] for k in order]
+        np.testing.assert_allclose(out["scores"][b], [scores[k] for k in order],
+                                   rtol=1e-5, atol=1e-6)
+        taus = [config.taus[tau_index[k]] if seeds[k] >= 0 else config.taus[0]
+                for k in order]
+        np.testing.assert_allclose(out["taus"][b], taus)
+        margins = np_margins(embeddings[b], out["seed_indices"][b], taus)
+        for k, seed in enumerate(out["seed_indices"][b]):
+            if seed < 0:
+                assert not out["masks"][b, k].any()
+            else:
+                np.testing.assert_array_equal(out["masks"][b, k], margins[k] >= 0)
+        missing = (out["seed_indices"][b] < 0).sum()
+        assert missing == (max(0, num_seeds - valid[b].sum()) if with_valid else 0)
+        assert (np.diff(out["scores"][b][:num_seeds - missing]) <= 0).all()
 
 
 @pytest.mark.parametrize("score_threshold, nms_iou_threshold", [
@@ -815,6 +855,22 @@ def test_predict_instances_rejects_bad_arguments():
         inference.predict_instances(embeddings, logits[..., :1], (8, 8))
     with pytest.raises(TypeError, match="embeddings"):
         inference.predict_instances(embeddings.astype(np.int32), logits, (8, 8))
+
+
+def test_heads_resolution_detections_rejects_bad_arguments():
+    embeddings = np.zeros((1, 4, 4, 3), np.float32)
+    probs = np.full((1, 4, 4, 4, 2), 0.5, np.float32)
+    detect = inference.heads_resolution_detections
+    with pytest.raises(ValueError, match="class_probs has 3 tau slices"):
+        detect(embeddings, probs[..., :3, :])
+    with pytest.raises(ValueError, match="class_probs .* disagree"):
+        detect(embeddings, probs[:, :3])
+    with pytest.raises(TypeError, match="InferenceConfig"):
+        detect(embeddings, probs, config={"num_seeds": 3})
+    with pytest.raises(TypeError, match="valid_pixels must be a bool"):
+        detect(embeddings, probs, valid_pixels=np.ones((1, 4, 4), np.int32))
+    with pytest.raises(ValueError, match="valid_pixels .* disagree"):
+        detect(embeddings, probs, valid_pixels=np.ones((1, 4, 3), bool))
 
 
 def test_full_resolution_masks_follow_the_stride_cells():
