@@ -298,10 +298,13 @@ class _SeedPasses:
         self.num_candidates = _SEED_CANDIDATES
         # A pass can certify at most C - 1 seeds: the bounding candidate never qualifies.
         self.steps = max(1, min(_SEEDS_PER_PASS, _SEED_CANDIDATES - 1, num_seeds - 1))
-        self.blocks = []  # pick block sizes: b, b, 2b, 4b, ..., summing to `steps`
-        while sum(self.blocks) < self.steps:
-            size = max(_SEED_BLOCK, sum(self.blocks))
-            self.blocks.append(min(size, self.steps - sum(self.blocks)))
+        # Pick blocks b, b, 2b, 4b, ..., as sizes and as cumulative ends (the last is `steps`).
+        self.blocks, self.block_ends = [], [0]
+        while self.block_ends[-1] < self.steps:
+            size = min(max(_SEED_BLOCK, self.block_ends[-1]), self.steps - self.block_ends[-1])
+            self.blocks.append(size)
+            self.block_ends.append(self.block_ends[-1] + size)
+        self.block_ends = self.block_ends[1:]
         self.alpha = alpha
         self.num_pixels = tf.shape(points)[0]
         # Per-pixel vectors are padded to N', a multiple of 64 and at least C, with
@@ -388,7 +391,7 @@ class _SeedPasses:
                 certified.append(beats_bound(block_values, block_picks))
             else:
                 go = tf.logical_and(tf.reduce_all(certified[-1]),
-                                    written + sum(self.blocks[:block]) < self.limit)
+                                    written + self.block_ends[block - 1] < self.limit)
                 current, block_values, block_picks = tf.cond(
                     go,
                     lambda size=size, current=current: self._pick(current, if_chosen,
@@ -410,11 +413,11 @@ class _SeedPasses:
         new = tf.minimum(tf.where(certified > 0, picks, picks[0]), self.num_pixels - 1)
         chosen = tf.tensor_scatter_nd_update(chosen, new[:, tf.newaxis],
                                              tf.ones_like(new, tf.bool))
-        ends = [sum(self.blocks[:i + 1]) for i in range(len(self.blocks))]
-        update = tf.where(written >= self.limit, 0,
-                          1 + tf.reduce_sum(tf.cast(count > tf.constant(ends), tf.int32)))
+        rows = 1 + tf.reduce_sum(tf.cast(count > tf.constant(self.block_ends), tf.int32))
+        update = tf.where(written >= self.limit, 0, rows)
         min_dist = tf.switch_case(update, [lambda: min_dist] + [
-            lambda end=end: tf.minimum(min_dist, self.nearest(new[:end])) for end in ends])
+            lambda end=end: tf.minimum(min_dist, self.nearest(new[:end]))
+            for end in self.block_ends])
         return written, seeds, chosen, min_dist
 
     def _pick(self, current, if_chosen, candidates, size):
@@ -480,9 +483,7 @@ def _grow_masks(geometry: tuple[tf.Tensor, tf.Tensor], size: tf.Tensor,
     heads' `size` (h, w)."""
     points, point_norms = geometry
     thresholds = tf.math.log(2.0 / taus - 1.0)
-    safe_seeds = tf.maximum(seed_indices, 0)
-    seeds = tf.gather(points, safe_seeds, batch_dims=1)  # [B, K, d]
-    seed_norms = tf.gather(point_norms, safe_seeds, batch_dims=1)  # [B, K]
+    safe_seeds, seeds, seed_norms = _seed_points(geometry, seed_indices)
     valid = seed_indices >= 0
     # `|q|^2 - 2 q.s <= log(2 / tau - 1) - |s|^2`: two [B, K, N] operations after the
     # product (-2 scales exactly), where the margins of `mask_margins` take six. An
@@ -538,11 +539,19 @@ def _seed_geometry(embeddings, seed_indices, taus):
     embeddings = _as_float(embeddings, "embeddings", rank=4)
     seed_indices = _as_int(seed_indices, "seed_indices", rank=2)
     thresholds = tf.math.log(2.0 / _as_float(taus, "taus", rank=2) - 1.0)
-    points, point_norms = _pixel_geometry(embeddings)
+    geometry = _pixel_geometry(embeddings)
+    _, seeds, seed_norms = _seed_points(geometry, seed_indices)
+    return (embeddings, seed_indices, thresholds, geometry[0], seeds, geometry[1],
+            seed_norms)
+
+
+def _seed_points(geometry: tuple[tf.Tensor, tf.Tensor], seed_indices: tf.Tensor):
+    """The seeds' indices with -1 read as pixel 0 [B, K], their centred points
+    [B, K, d] and squared norms [B, K], from `_pixel_geometry`'s (points, norms)."""
+    points, norms = geometry
     safe_seeds = tf.maximum(seed_indices, 0)
-    return (embeddings, seed_indices, thresholds, points,
-            tf.gather(points, safe_seeds, batch_dims=1), point_norms,
-            tf.gather(point_norms, safe_seeds, batch_dims=1))
+    return (safe_seeds, tf.gather(points, safe_seeds, batch_dims=1),
+            tf.gather(norms, safe_seeds, batch_dims=1))
 
 
 @_graph_ready
@@ -635,10 +644,11 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
     """Instance masks, classes and scores for a batch, at the input image's resolution.
 
     Seeds, classes, scores and masks are computed at the heads' resolution as in the
-    paper (`heads_resolution_detections`). Masks reach `image_size` by bilinearly resizing each seed's heads-resolution
-    0/1 mask and thresholding at 0.5, rather than resizing the embeddings: this needs no
-    distance computation at full resolution, a full-resolution pixel whose surrounding
-    heads-resolution pixels agree on a mask gets that answer, and the boundary falls
+    paper (`heads_resolution_detections`). Masks reach `image_size` by bilinearly
+    resizing each seed's heads-resolution 0/1 mask and thresholding at 0.5, rather than
+    resizing the embeddings: this needs no distance computation at full resolution, a
+    full-resolution pixel whose surrounding heads-resolution pixels agree on a mask gets
+    that answer, and the boundary falls
     half-way between the centres of an inside and an outside heads pixel, i.e. on the
     edge of the stride cell, as the labels were sampled for training. (Resizing the
     signed margins instead shrinks every mask: the margin inside is at most
