@@ -119,6 +119,22 @@ def test_train_main_refuses_bad_flags_at_start(flag, message, tmp_path):
     assert not os.path.exists(tmp_path / "config.json")
 
 
+def test_train_main_float32_flag_overrides_a_flagfile_policy():
+    # The demo flagfile asks for --mixed_precision=auto; a later --mixed_precision=float32
+    # must give a float32 run, which an enum without that value could not express.
+    from absl import flags
+    from absl.testing import flagsaver
+
+    from instance_embed import train_main
+
+    with flagsaver.flagsaver():
+        flags.FLAGS.mark_as_parsed()
+        flags.FLAGS["mixed_precision"].parse("mixed_bfloat16")
+        assert train_main.config_from_flags().model.mixed_precision == "mixed_bfloat16"
+        flags.FLAGS["mixed_precision"].parse("float32")
+        assert train_main.config_from_flags().model.mixed_precision is None
+
+
 def test_train_main_program_exits_with_the_flag_error(tmp_path):
     out = _run("instance_embed.train_main", f"--model_dir={tmp_path}", "--image_size=100",
                expect_ok=False)

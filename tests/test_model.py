@@ -290,6 +290,8 @@ def test_cpu_has_native_bfloat16_without_cpuinfo(tmp_path):
     ("auto", "mirrored", False, False, None),
     ("auto", "default", True, True, None),  # GPUs: the user chooses
     ("auto", "tpu", False, False, "mixed_bfloat16"),
+    ("float32", "default", False, True, None),  # overrides a flagfile's "auto"
+    ("float32", "tpu", False, True, None),
 ])
 def test_resolve_mixed_precision(value, strategy, has_gpu, cpu_bf16, expected):
     assert config_lib.resolve_mixed_precision(

@@ -1,0 +1,180 @@
+"""A lower bound on the plain-graph time of any candidate-pass seed selection.
+
+`inference.select_seeds` gets the paper's greedy seeds exactly in a few passes (see
+`inference._SeedPasses`): each pass scores every pixel, takes the C best as candidates,
+computes their [C, C] scores, picks seeds among them one after another, and updates the
+nearest-seed distances of all pixels. In TF's plain graph executor (the way TF Serving
+runs a model by default) each op costs a microsecond or two of bookkeeping, whatever its
+size, so the sequential picks and the per-pass ops set a floor under the time.
+
+This times skeletons of that design with everything that makes it correct removed (no
+certification against a bound, no chosen-pixel masking, no tie rules, no loop and no
+gating): per pass one score over the N pixels, one top_k, the candidates' [C, C] scores,
+an even share of the 99 picks (three ops each, the fewest a pick takes) and, except
+after the last pass, one distance update of all pixels; plus the dense work every version
+does (seediness, centring, classes and the masks of the 100 seeds). An exact version of
+the same design cannot be faster than its skeleton with the same number of passes.
+
+It also prints the highest rank the greedy's seeds have among the scores at the start
+of the first pass: a single pass would need at least that many candidates. The skeletons
+are timed with C = 128 for 1-3 passes, with C = 256 for two (what this scene's greedy
+takes with C = 256: benchmarks/seed_selection.py) and with that C for one pass.
+
+Scene, NumPy version and timing as in benchmarks/postprocess.py (the 64 x 64 heads of a
+512 x 512 image, d = 64, K = 100), whose 10x target this bounds.
+
+Usage: python benchmarks/postprocess_floor.py [--size 64] [--repeats 200]
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import tensorflow as tf
+
+from instance_embed import inference
+
+import postprocess  # benchmarks/postprocess.py: scene, NumPy version, ours
+import timing  # benchmarks/timing.py
+
+NUM_PICKS = 99  # the first seed is the argmax of the seediness
+CANDIDATES = 128
+
+
+def first_pass_ranks(embeddings, probs, seeds, alpha):
+    """Ranks (0 = best) of the greedy's seeds 2..K among the scores after the first seed."""
+    points = embeddings[0].reshape(-1, embeddings.shape[-1]).astype(np.float64)
+    num_pixels = points.shape[0]
+    per_tau = probs[0].reshape(num_pixels, probs.shape[-2], probs.shape[-1])
+    log_seediness = np.log(per_tau[:, :, 1:].max(axis=(1, 2)))
+    dist = ((points - points[seeds[0]]) ** 2).sum(axis=1)
+    with np.errstate(divide="ignore"):
+        scores = log_seediness + alpha * np.log(dist)
+    scores[seeds[0]] = -np.inf
+    ranks = np.empty(num_pixels, np.int64)
+    ranks[np.argsort(-scores, kind="stable")] = np.arange(num_pixels)
+    return ranks[seeds[1:]]
+
+
+def make_skeleton(config, num_passes, num_candidates, jit):
+    """The skeleton described in the module docstring, as a `tf.function`."""
+    taus = tf.constant(config.taus, tf.float32)
+    alpha = tf.constant(config.alpha, tf.float32)
+    shares = [len(share) for share in np.array_split(np.arange(NUM_PICKS), num_passes)]
+
+    def skeleton(embeddings, class_probs):
+        seed_map = inference.seediness(class_probs)
+        geometry = inference._pixel_geometry(embeddings)
+        points, norms = geometry[0][0], geometry[1][0]  # [N, d], [N]
+        log_seediness = tf.math.log(tf.reshape(seed_map, [-1]))  # [N]
+        first = tf.argmax(log_seediness, output_type=tf.int32)
+        min_dist = tf.reduce_sum(tf.square(points - points[first]), axis=1)  # [N]
+        picked = [first[tf.newaxis]]
+        for index, share in enumerate(shares):
+            scores = log_seediness + tf.math.xlogy(alpha, min_dist)
+            top = tf.math.top_k(scores, k=num_candidates)
+            candidate_points = tf.gather(points, top.indices)
+            candidate_norms = tf.gather(norms, top.indices)
+            candidate_dist = (tf.matmul(-2.0 * candidate_points, candidate_points,
+                                        transpose_b=True)
+                              + candidate_norms[:, tf.newaxis] + candidate_norms[tf.newaxis])
+            if_chosen = (tf.gather(log_seediness, top.indices)[tf.newaxis]
+                         + tf.math.xlogy(alpha, tf.maximum(candidate_dist, 0.0)))
+            current = top.values[tf.newaxis]  # [1, C]
+            positions = []
+            for _ in range(share):
+                best = tf.math.top_k(current, k=1)
+                positions.append(best.indices)
+                current = tf.minimum(current, tf.gather_nd(if_chosen, best.indices))
+            new = tf.gather(top.indices, tf.reshape(tf.concat(positions, axis=0), [share]))
+            picked.append(new)
+            if index + 1 < num_passes:
+                cross = tf.matmul(points, -2.0 * tf.gather(points, new), transpose_b=True)
+                nearest = tf.reduce_min(cross + tf.gather(norms, new)[tf.newaxis], axis=1)
+                min_dist = tf.minimum(min_dist, nearest + norms)
+        seeds = tf.concat(picked, axis=0)[tf.newaxis]  # [1, K]
+        tau_index, classes, scores = inference.seed_classes_and_scores(class_probs, seeds)
+        masks = inference._grow_masks(geometry, tf.shape(embeddings)[1:3], seeds,
+                                      tf.gather(taus, tau_index))
+        return seeds, classes, scores, masks
+
+    return tf.function(skeleton, jit_compile=jit, autograph=False)
+
+
+def make_dense_only(config, seeds, jit):
+    """The dense work alone: seediness, centring, classes and masks of given seeds."""
+    taus = tf.constant(config.taus, tf.float32)
+
+    def dense(embeddings, class_probs):
+        seed_map = inference.seediness(class_probs)
+        geometry = inference._pixel_geometry(embeddings)
+        # Depends on the seediness so that it is not pruned.
+        given = seeds + tf.cast(seed_map[0, 0, 0] > 2.0, tf.int32)
+        tau_index, classes, scores = inference.seed_classes_and_scores(class_probs, given)
+        masks = inference._grow_masks(geometry, tf.shape(embeddings)[1:3], given,
+                                      tf.gather(taus, tau_index))
+        return given, classes, scores, masks
+
+    return tf.function(dense, jit_compile=jit, autograph=False)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=64, help="heads' resolution")
+    parser.add_argument("--dim", type=int, default=64, help="embedding dimension d")
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args()
+
+    config = inference.InferenceConfig(num_seeds=NUM_PICKS + 1)
+    embeddings, probs, _ = postprocess.make_scene(np.random.default_rng(0), args.size,
+                                                  args.dim)
+    e_tf, p_tf = tf.constant(embeddings), tf.constant(probs)
+    np_args = (embeddings[0], probs[0], config.num_seeds, config.alpha, config.taus)
+    np_seeds, _ = postprocess.numpy_postprocess(*np_args)
+    ranks = first_pass_ranks(embeddings, probs, np_seeds, config.alpha)
+    one_pass_candidates = int(-(-(ranks.max() + 1) // 64) * 64)
+
+    rows = [("call overhead (one scalar op)",
+             {jit: tf.function(lambda e: e[0, 0, 0, 0] + 1.0, jit_compile=jit)
+              for jit in (False, True)}, (e_tf,))]
+    rows.append(("dense work only (no seed selection)",
+                 {jit: make_dense_only(config, tf.constant(np_seeds[None], tf.int32), jit)
+                  for jit in (False, True)}, (e_tf, p_tf)))
+    for passes, candidates in ((1, one_pass_candidates), (1, CANDIDATES), (2, CANDIDATES),
+                               (2, 2 * CANDIDATES), (3, CANDIDATES)):
+        rows.append((f"skeleton, {passes} pass{'es' if passes > 1 else ''}, C = {candidates}",
+                     {jit: make_skeleton(config, passes, candidates, jit)
+                      for jit in (False, True)}, (e_tf, p_tf)))
+    rows.append(("ours (heads_resolution_detections)",
+                 {jit: postprocess.make_ours(config, jit) for jit in (False, True)},
+                 (e_tf, p_tf)))
+
+    numpy_ms = 1e3 * min(timing.wall_times(lambda: postprocess.numpy_postprocess(*np_args),
+                                           max(5, args.repeats // 10), warmup=1))
+    print(f"Plain-graph floor of candidate-pass seed selection, {args.size}x{args.size} heads, "
+          f"d={args.dim}, K={config.num_seeds}; TF {tf.__version__}, {os.cpu_count()} CPUs, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"Greedy seeds' ranks among the first pass's scores: median {int(np.median(ranks))}, "
+          f"max {int(ranks.max())} (one pass needs C >= {int(ranks.max()) + 1})")
+    header = (f"{'':<44} {'plain min':>9} {'plain p50':>9} {'XLA min':>8} {'XLA p50':>8}"
+              f" {'NumPy/plain':>11} {'NumPy/XLA':>9}")
+    print(header)
+    print("-" * len(header))
+    for name, fns, inputs in rows:
+        stats = {}
+        for jit, fn in fns.items():
+            times = np.array(timing.wall_times(
+                lambda: tf.nest.map_structure(lambda t: t.numpy(), fn(*inputs)),
+                args.repeats, warmup=5)) * 1e3
+            stats[jit] = (times.min(), np.median(times))
+        print(f"{name:<44} {stats[False][0]:>9.2f} {stats[False][1]:>9.2f} "
+              f"{stats[True][0]:>8.2f} {stats[True][1]:>8.2f} "
+              f"{numpy_ms / stats[False][0]:>10.1f}x {numpy_ms / stats[True][0]:>8.1f}x")
+    print(f"NumPy, same algorithm: {numpy_ms:.2f} ms (min); the 10x target needs "
+          f"<= {numpy_ms / 10:.2f} ms.")
+
+
+if __name__ == "__main__":
+    main()
