@@ -4,22 +4,27 @@
 `inference._SeedPasses`): each pass scores every pixel, takes the C best as candidates,
 computes their [C, C] scores, picks seeds among them one after another, and updates the
 nearest-seed distances of all pixels. In TF's plain graph executor (the way TF Serving
-runs a model by default) each op costs a microsecond or two of bookkeeping, whatever its
-size, so the sequential picks and the per-pass ops set a floor under the time.
+runs a model by default) each op costs 1-3 us of bookkeeping on a small CPU, whatever
+its size, so the sequential picks and the per-pass ops set a floor under the time.
 
 This times skeletons of that design with everything that makes it correct removed (no
 certification against a bound, no chosen-pixel masking, no tie rules, no loop and no
 gating): per pass one score over the N pixels, one top_k, the candidates' [C, C] scores,
 an even share of the 99 picks (three ops each, the fewest a pick takes) and, except
-after the last pass, one distance update of all pixels; plus the dense work every version
-does (seediness, centring, classes and the masks of the 100 seeds). An exact version of
-the same design does all of this and more (it picks at least 99 times), so the skeleton
-with as many passes is a floor for it, give or take the rows of its distance updates.
-Only the plain graph is timed: under XLA, which fuses the picks, these op counts do not
-set the time (benchmarks/postprocess.py times ours under XLA).
+after the last pass, one distance update of all pixels from 8 seeds (the fewest rows
+`inference._SeedPasses` updates with); plus the dense work every version does
+(seediness, centring, classes and the masks of the 100 seeds). An exact version of the
+same design does all of this and more (it picks at least 99 times), so the skeleton with
+as many passes is a floor for it. All the functions are timed in turn, call by call, so
+that they share the machine's changing load (alone, one after the other, the spread
+between runs on a shared VM exceeds the differences). Only the plain graph is timed:
+under XLA, which fuses the picks, these op counts do not set the time
+(benchmarks/postprocess.py times ours under XLA).
 
-It also prints the highest rank the greedy's seeds have among the scores at the start
-of the first pass: a single pass would need at least that many candidates. The skeletons
+It also prints the highest rank R (0 = best) the greedy's seeds have among the scores at
+the start of the first pass: a single pass would need all of them among its candidates,
+and as the last candidate bounds the others and is never kept, at least C = R + 2
+candidates (a necessary condition, not a sufficient one). The skeletons
 are timed with C = 128 for 1-3 passes, with C = 256 for two (what this scene's greedy
 takes with C = 256: benchmarks/seed_selection.py) and with that C for one pass.
 
@@ -44,6 +49,7 @@ import timing  # benchmarks/timing.py
 
 NUM_PICKS = 99  # the first seed is the argmax of the seediness
 CANDIDATES = 128
+UPDATE_ROWS = 8  # `inference._SEED_BLOCK`: the fewest rows of a distance update
 
 
 def first_pass_ranks(embeddings, probs, seeds, alpha):
@@ -94,8 +100,9 @@ def make_skeleton(config, num_passes, num_candidates):
             new = tf.gather(top.indices, tf.reshape(tf.concat(positions, axis=0), [share]))
             picked.append(new)
             if index + 1 < num_passes:
-                cross = tf.matmul(points, -2.0 * tf.gather(points, new), transpose_b=True)
-                nearest = tf.reduce_min(cross + tf.gather(norms, new)[tf.newaxis], axis=1)
+                rows = new[:UPDATE_ROWS]
+                cross = tf.matmul(points, -2.0 * tf.gather(points, rows), transpose_b=True)
+                nearest = tf.reduce_min(cross + tf.gather(norms, rows)[tf.newaxis], axis=1)
                 min_dist = tf.minimum(min_dist, nearest + norms)
         seeds = tf.concat(picked, axis=0)[tf.newaxis]  # [1, K]
         tau_index, classes, scores = inference.seed_classes_and_scores(class_probs, seeds)
@@ -137,7 +144,8 @@ def main():
     np_args = (embeddings[0], probs[0], config.num_seeds, config.alpha, config.taus)
     np_seeds, _ = postprocess.numpy_postprocess(*np_args)
     ranks = first_pass_ranks(embeddings, probs, np_seeds, config.alpha)
-    one_pass_candidates = int(-(-(ranks.max() + 1) // 64) * 64)
+    num_pixels = args.size * args.size
+    one_pass_candidates = min(int(-(-(ranks.max() + 2) // 64) * 64), num_pixels)
 
     rows = [("call overhead (one scalar op)", tf.function(lambda e: e[0, 0, 0, 0] + 1.0),
              (e_tf,))]
@@ -156,16 +164,23 @@ def main():
           f"d={args.dim}, K={config.num_seeds}; TF {tf.__version__}, {os.cpu_count()} CPUs, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"Greedy seeds' ranks among the first pass's scores: median {int(np.median(ranks))}, "
-          f"max {int(ranks.max())} (one pass needs C >= {int(ranks.max()) + 1})")
+          f"max {int(ranks.max())} (one pass needs C >= {int(ranks.max()) + 2})")
     header = f"{'plain tf.function':<44} {'min (ms)':>9} {'median':>9} {'NumPy / min':>12}"
     print(header)
     print("-" * len(header))
-    for name, fn, inputs in rows:
-        times = np.array(timing.wall_times(
-            lambda: tf.nest.map_structure(lambda t: t.numpy(), fn(*inputs)),
-            args.repeats, warmup=5)) * 1e3
-        print(f"{name:<44} {times.min():>9.2f} {np.median(times):>9.2f} "
-              f"{numpy_ms / times.min():>11.1f}x")
+    calls = [lambda fn=fn, inputs=inputs: tf.nest.map_structure(lambda t: t.numpy(),
+                                                                 fn(*inputs))
+             for _, fn, inputs in rows]
+    for call in calls:  # warm-up: tracing, then the executor's caches
+        for _ in range(5):
+            call()
+    times = np.zeros((args.repeats, len(rows)))
+    for repeat in range(args.repeats):
+        for row, call in enumerate(calls):
+            times[repeat, row] = timing.wall_times(call, 1, warmup=0)[0] * 1e3
+    for (name, _, _), column in zip(rows, times.T):
+        print(f"{name:<44} {column.min():>9.2f} {np.median(column):>9.2f} "
+              f"{numpy_ms / column.min():>11.1f}x")
     print(f"NumPy, same algorithm: {numpy_ms:.2f} ms (min); the 10x target needs "
           f"<= {numpy_ms / 10:.2f} ms.")
 

@@ -67,8 +67,8 @@ flags.DEFINE_enum("mixed_precision", None,
                   ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
                   "Mixed precision policy for training (losses stay float32; evaluation "
                   "and export run in float32). 'auto': mixed_bfloat16 on a TPU or a CPU "
-                  "with bfloat16 units (AMX/AVX512-BF16), else float32. 'float32' (the "
-                  "default) overrides a flagfile's choice.")
+                  "with bfloat16 units (AMX/AVX512-BF16), else float32. 'float32': as when "
+                  "unset, and overrides a flagfile's choice.")
 # Input.
 flags.DEFINE_integer("image_size", _INPUT.image_size, "Training crop size S.")
 flags.DEFINE_integer("max_instances", _INPUT.max_instances, "Instances kept per image M.")

@@ -72,6 +72,7 @@ def _check_outputs(outputs, batch, h, w, config):
         ({"output_stride": 8, "detail_stride": 3}, "detail_stride"),  # not a power of 2
         ({"output_stride": 8, "detail_stride": 0}, "detail_stride"),
         ({"mixed_precision": "auto"}, "mixed_precision"),  # resolved before, never stored
+        ({"mixed_precision": "float32"}, "mixed_precision"),  # likewise (None is float32)
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
