@@ -90,14 +90,24 @@ def make_scene(rng, size, dim):
     return (embeddings[None].astype(np.float32), probs[None].astype(np.float32), labels)
 
 
+def numpy_foreground(class_probs):
+    """[h, w, T, C+1] class probabilities -> [h * w, T, C], the foreground classes'."""
+    return class_probs.reshape(-1, *class_probs.shape[-2:])[:, :, 1:]
+
+
+def numpy_log_seediness(class_probs):
+    """[h, w, T, C+1] class probabilities -> [h * w], log of the seediness (-inf at 0)."""
+    with np.errstate(divide="ignore"):
+        return np.log(numpy_foreground(class_probs).max(axis=(1, 2)))
+
+
 def numpy_postprocess(embeddings, class_probs, num_seeds, alpha, taus):
     """The same algorithm in plain NumPy, one image: (seeds [K], masks bool [K, h, w])."""
     h, w, dim = embeddings.shape
     points = embeddings.reshape(-1, dim)
-    probs = class_probs.reshape(h * w, len(taus), -1)
-    foreground = probs[:, :, 1:]
+    foreground = numpy_foreground(class_probs)
+    log_seediness = numpy_log_seediness(class_probs)
     with np.errstate(divide="ignore"):
-        log_seediness = np.log(foreground.max(axis=(1, 2)))
         chosen = np.zeros(h * w, bool)
         nearest = np.full(h * w, np.inf)
         seeds = []

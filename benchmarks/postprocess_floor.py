@@ -56,8 +56,7 @@ def first_pass_ranks(embeddings, probs, seeds, alpha):
     """Ranks (0 = best) of the greedy's seeds 2..K among the scores after the first seed."""
     points = embeddings[0].reshape(-1, embeddings.shape[-1]).astype(np.float64)
     num_pixels = points.shape[0]
-    per_tau = probs[0].reshape(num_pixels, probs.shape[-2], probs.shape[-1])
-    log_seediness = np.log(per_tau[:, :, 1:].max(axis=(1, 2)))
+    log_seediness = postprocess.numpy_log_seediness(probs[0])
     dist = ((points - points[seeds[0]]) ** 2).sum(axis=1)
     with np.errstate(divide="ignore"):
         scores = log_seediness + alpha * np.log(dist)
@@ -65,6 +64,14 @@ def first_pass_ranks(embeddings, probs, seeds, alpha):
     ranks = np.empty(num_pixels, np.int64)
     ranks[np.argsort(-scores, kind="stable")] = np.arange(num_pixels)
     return ranks[seeds[1:]]
+
+
+def classes_and_masks(taus, embeddings, class_probs, geometry, seeds):
+    """The dense work after seed selection: (seeds, classes, scores, masks) of `seeds`."""
+    tau_index, classes, scores = inference.seed_classes_and_scores(class_probs, seeds)
+    masks = inference._grow_masks(geometry, tf.shape(embeddings)[1:3], seeds,
+                                  tf.gather(taus, tau_index))
+    return seeds, classes, scores, masks
 
 
 def make_skeleton(config, num_passes, num_candidates):
@@ -105,10 +112,7 @@ def make_skeleton(config, num_passes, num_candidates):
                 nearest = tf.reduce_min(cross + tf.gather(norms, rows)[tf.newaxis], axis=1)
                 min_dist = tf.minimum(min_dist, nearest + norms)
         seeds = tf.concat(picked, axis=0)[tf.newaxis]  # [1, K]
-        tau_index, classes, scores = inference.seed_classes_and_scores(class_probs, seeds)
-        masks = inference._grow_masks(geometry, tf.shape(embeddings)[1:3], seeds,
-                                      tf.gather(taus, tau_index))
-        return seeds, classes, scores, masks
+        return classes_and_masks(taus, embeddings, class_probs, geometry, seeds)
 
     return tf.function(skeleton, autograph=False)
 
@@ -122,10 +126,7 @@ def make_dense_only(config, seeds):
         geometry = inference._pixel_geometry(embeddings)
         # Depends on the seediness so that it is not pruned.
         given = seeds + tf.cast(seed_map[0, 0, 0] > 2.0, tf.int32)
-        tau_index, classes, scores = inference.seed_classes_and_scores(class_probs, given)
-        masks = inference._grow_masks(geometry, tf.shape(embeddings)[1:3], given,
-                                      tf.gather(taus, tau_index))
-        return given, classes, scores, masks
+        return classes_and_masks(taus, embeddings, class_probs, geometry, given)
 
     return tf.function(dense, autograph=False)
 

@@ -64,7 +64,8 @@ flags.DEFINE_integer("head_depth", _MODEL.head_depth, "3x3 conv layers per head.
 flags.DEFINE_integer("detail_stride", None, "Refine the embeddings at this finer stride "
                      "with a shallow branch on the image (e.g. 2 with --output_stride=4).")
 flags.DEFINE_enum("mixed_precision", None,
-                  ["auto", "float32", "mixed_bfloat16", "mixed_float16"],
+                  [model_config.AUTO_MIXED_PRECISION, model_config.FLOAT32,
+                   *model_config.MIXED_PRECISION_POLICIES],
                   "Mixed precision policy for training (losses stay float32; evaluation "
                   "and export run in float32). 'auto': mixed_bfloat16 on a TPU or a CPU "
                   "with bfloat16 units (AMX/AVX512-BF16), else float32. 'float32': as when "
