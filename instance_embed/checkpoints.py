@@ -46,7 +46,10 @@ def restore_model(model_dir: str, checkpoint_path: str | None = None
     # Mixed precision is a training choice: variables are float32 either way, and a
     # float32 model evaluates and serves the same on every CPU (bfloat16 is emulated,
     # and slow, on CPUs without bfloat16 units).
-    model = build_model(dataclasses.replace(config.model, mixed_precision=None))
+    # The checkpoint holds every weight: pretrained backbone weights (a file, a package)
+    # were an initialisation and are not needed, nor read, here.
+    model = build_model(dataclasses.replace(config.model, mixed_precision=None),
+                        load_backbone_weights=False)
     # Optimizer slots and the step are in the checkpoint too; only the model is needed.
     tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
     return model, config, path

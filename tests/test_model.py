@@ -12,6 +12,7 @@ import tensorflow as tf
 from instance_embed.model import (
     ModelConfig,
     available_backbones,
+    build_backbone,
     build_model,
     feature_size,
     get_backbone,
@@ -413,7 +414,7 @@ def resnet50_reference(tmp_path_factory):
 def test_resnet50_stride32_reproduces_keras_features(resnet50_reference, file_format):
     reference, paths = resnet50_reference
     config = ModelConfig(backbone="resnet50", output_stride=32, backbone_weights=paths[file_format])
-    backbone = get_backbone("resnet50").build(config)
+    backbone = build_backbone(config)
     images = _images(2, 96, 64, seed=3)
     expected = reference(_caffe(images)).numpy()
     actual = backbone(images).numpy()
@@ -461,7 +462,7 @@ def test_resnet_imagenet_goes_through_keras_applications(monkeypatch):
         return original(include_top=include_top, weights=None, input_shape=input_shape)
 
     monkeypatch.setattr(keras.applications, "ResNet50", fake_resnet50)
-    get_backbone("resnet50").build(ModelConfig(backbone="resnet50", backbone_weights="imagenet"))
+    build_backbone(ModelConfig(backbone="resnet50", backbone_weights="imagenet"))
     assert calls == [(False, "imagenet")]
 
 
@@ -492,7 +493,7 @@ def test_vgg16_stride32_reproduces_keras_features(tmp_path):
     path = str(tmp_path / "vgg16_notop.h5")
     _write_legacy_h5(reference, path)
     config = ModelConfig(backbone="vgg16", output_stride=32, backbone_weights=path)
-    backbone = get_backbone("vgg16").build(config)
+    backbone = build_backbone(config)
     pool5 = keras.Model(backbone.input, backbone.get_layer("block5_pool").output)
     images = _images(2, 64, 64, seed=4)
     expected = reference(_caffe(images)).numpy()
@@ -514,14 +515,14 @@ def test_vgg16_largefov_shapes():
 def test_vgg16_loads_hed_weights():
     path = vgg.hed_weights_path()
     config = ModelConfig(backbone="vgg16", backbone_weights="hed_bsds500")
-    backbone = get_backbone("vgg16").build(config)
+    backbone = build_backbone(config)
     with h5py.File(path, "r") as f:  # block3 holds [pool, conv1, conv2, conv3]
         kernel = f["block3/layers/conv2d_1/vars/0"][...]
         bias = f["block5/layers/conv2d_2/vars/1"][...]
     np.testing.assert_array_equal(backbone.get_layer("block3_conv2").kernel.numpy(), kernel)
     np.testing.assert_array_equal(backbone.get_layer("block5_conv3").bias.numpy(), bias)
     explicit = dataclasses.replace(config, backbone_weights=path)
-    same = get_backbone("vgg16").build(explicit)
+    same = build_backbone(explicit)
     np.testing.assert_array_equal(
         same.get_layer("block1_conv1").kernel.numpy(),
         backbone.get_layer("block1_conv1").kernel.numpy(),

