@@ -47,11 +47,12 @@ import tensorflow as tf
 from scipy import ndimage
 
 from instance_embed import inference
+from instance_embed.model.config import PAPER_TAUS as TAUS
 
 import timing  # benchmarks/timing.py
 
 IMAGE_SIZE = 512
-NUM_TAUS = 4
+NUM_TAUS = len(TAUS)
 NUM_CLASSES = 20
 NUM_INSTANCES = 10
 MEANSHIFT_SEED_STRIDE = 16  # MeanShift starts from 1 pixel in 16
@@ -132,7 +133,8 @@ def numpy_postprocess(embeddings, class_probs, num_seeds, alpha, taus):
 
 def make_ours(config, jit):
     def postprocess(embeddings, class_probs):
-        detections = inference.heads_resolution_detections(embeddings, class_probs, config)
+        detections = inference.heads_resolution_detections(embeddings, class_probs, TAUS,
+                                                           config)
         return tuple(detections[key] for key in ("seed_indices", "classes", "scores", "masks"))
 
     # AutoGraph off, as in a Keras ExportArchive endpoint: the module needs none.
@@ -142,7 +144,7 @@ def make_ours(config, jit):
 def make_full(config, jit):
     def predict(embeddings, class_logits, images=None):
         return inference.predict_instances(
-            embeddings, class_logits, (IMAGE_SIZE, IMAGE_SIZE), config, images=images)
+            embeddings, class_logits, (IMAGE_SIZE, IMAGE_SIZE), TAUS, config, images=images)
 
     return tf.function(predict, jit_compile=jit, autograph=False)
 
@@ -210,7 +212,7 @@ def run(size, dim, config, repeats, with_sklearn, rng):
     rows.append(("ours, predict_instances, joint bilateral masks", seconds, "",
                  config.num_seeds))
 
-    np_args = (embeddings[0], probs[0], config.num_seeds, config.alpha, config.taus)
+    np_args = (embeddings[0], probs[0], config.num_seeds, config.alpha, TAUS)
     np_seeds, np_masks = numpy_postprocess(*np_args)
     agree = len(np.intersect1d(np_seeds, ours_seeds)) / len(np_seeds)
     seconds = time_it(lambda: numpy_postprocess(*np_args), max(3, repeats // 2), warmup=1)
@@ -265,7 +267,7 @@ def main():
 
     config = inference.InferenceConfig(num_seeds=args.num_seeds)
     print(f"Post-processing of a {IMAGE_SIZE}x{IMAGE_SIZE} image, d={args.dim}, "
-          f"K={config.num_seeds}, alpha={config.alpha}, T={config.taus}, C={NUM_CLASSES}; "
+          f"K={config.num_seeds}, alpha={config.alpha}, T={TAUS}, C={NUM_CLASSES}; "
           f"TF {tf.__version__}, {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     header = f"{'heads':>7}  {'method':<52} {'time (ms)':>10} {'x ours XLA':>10} " \

@@ -1,7 +1,7 @@
 """A lower bound on the plain-graph time of any candidate-pass seed selection.
 
-`inference.select_seeds` gets the paper's greedy seeds exactly in a few passes (see
-`inference._SeedPasses`): each pass scores every pixel, takes the C best as candidates,
+`ops.seeds.select_seeds` gets the paper's greedy seeds exactly in a few passes (see
+`ops.seeds.SeedPasses`): each pass scores every pixel, takes the C best as candidates,
 computes their [C, C] scores, picks seeds among them one after another, and updates the
 nearest-seed distances of all pixels. In TF's plain graph executor (the way TF Serving
 runs a model by default) each op costs 1-3 us of bookkeeping on a small CPU, whatever
@@ -12,7 +12,7 @@ certification against a bound, no chosen-pixel masking, no tie rules, no loop an
 gating): per pass one score over the N pixels, one top_k, the candidates' [C, C] scores,
 an even share of the 99 picks (three ops each, the fewest a pick takes) and, except
 after the last pass, one distance update of all pixels from 8 seeds (the fewest rows
-`inference._SeedPasses` updates with); plus the dense work every version does
+`SeedPasses` updates with); plus the dense work every version does
 (seediness, centring, classes and the masks of the 100 seeds). An exact version of the
 same design does all of this and more (it picks at least 99 times), so the skeleton with
 as many passes is a floor for it. All the functions are timed in turn, call by call, so
@@ -43,13 +43,17 @@ import numpy as np
 import tensorflow as tf
 
 from instance_embed import inference
+from instance_embed.ops import geometry
+from instance_embed.ops import masks as masks_lib
+from instance_embed.ops import seeds as seeds_lib
 
 import postprocess  # benchmarks/postprocess.py: scene, NumPy version, ours
 import timing  # benchmarks/timing.py
 
 NUM_PICKS = 99  # the first seed is the argmax of the seediness
 CANDIDATES = 128
-UPDATE_ROWS = 8  # `inference._SEED_BLOCK`: the fewest rows of a distance update
+# The fewest rows of a distance update: `PassSizes.first_block`.
+UPDATE_ROWS = seeds_lib.DEFAULT_PASS_SIZES.first_block
 
 
 def first_pass_ranks(embeddings, probs, seeds, alpha):
@@ -66,24 +70,24 @@ def first_pass_ranks(embeddings, probs, seeds, alpha):
     return ranks[seeds[1:]]
 
 
-def classes_and_masks(taus, embeddings, class_probs, geometry, seeds):
+def classes_and_masks(taus, embeddings, class_probs, pixels, seeds):
     """The dense work after seed selection: (seeds, classes, scores, masks) of `seeds`."""
-    tau_index, classes, scores = inference.seed_classes_and_scores(class_probs, seeds)
-    masks = inference._grow_masks(geometry, tf.shape(embeddings)[1:3], seeds,
-                                  tf.gather(taus, tau_index))
+    tau_index, classes, scores = masks_lib.seed_classes_and_scores(class_probs, seeds)
+    masks = masks_lib.grow_masks_from_geometry(pixels, tf.shape(embeddings)[1:3], seeds,
+                                               tf.gather(taus, tau_index))
     return seeds, classes, scores, masks
 
 
 def make_skeleton(config, num_passes, num_candidates):
     """The skeleton described in the module docstring, as a `tf.function`."""
-    taus = tf.constant(config.taus, tf.float32)
+    taus = tf.constant(postprocess.TAUS, tf.float32)
     alpha = tf.constant(config.alpha, tf.float32)
     shares = [len(share) for share in np.array_split(np.arange(NUM_PICKS), num_passes)]
 
     def skeleton(embeddings, class_probs):
-        seed_map = inference.seediness(class_probs)
-        geometry = inference._pixel_geometry(embeddings)
-        points, norms = geometry[0][0], geometry[1][0]  # [N, d], [N]
+        seed_map = seeds_lib.seediness(class_probs)
+        pixels = geometry.pixel_geometry(embeddings)
+        points, norms = pixels[0][0], pixels[1][0]  # [N, d], [N]
         log_seediness = tf.math.log(tf.reshape(seed_map, [-1]))  # [N]
         first = tf.argmax(log_seediness, output_type=tf.int32)
         min_dist = tf.reduce_sum(tf.square(points - points[first]), axis=1)  # [N]
@@ -112,21 +116,21 @@ def make_skeleton(config, num_passes, num_candidates):
                 nearest = tf.reduce_min(cross + tf.gather(norms, rows)[tf.newaxis], axis=1)
                 min_dist = tf.minimum(min_dist, nearest + norms)
         seeds = tf.concat(picked, axis=0)[tf.newaxis]  # [1, K]
-        return classes_and_masks(taus, embeddings, class_probs, geometry, seeds)
+        return classes_and_masks(taus, embeddings, class_probs, pixels, seeds)
 
     return tf.function(skeleton, autograph=False)
 
 
 def make_dense_only(config, seeds):
     """The dense work alone: seediness, centring, classes and masks of given seeds."""
-    taus = tf.constant(config.taus, tf.float32)
+    taus = tf.constant(postprocess.TAUS, tf.float32)
 
     def dense(embeddings, class_probs):
-        seed_map = inference.seediness(class_probs)
-        geometry = inference._pixel_geometry(embeddings)
+        seed_map = seeds_lib.seediness(class_probs)
+        pixels = geometry.pixel_geometry(embeddings)
         # Depends on the seediness so that it is not pruned.
         given = seeds + tf.cast(seed_map[0, 0, 0] > 2.0, tf.int32)
-        return classes_and_masks(taus, embeddings, class_probs, geometry, given)
+        return classes_and_masks(taus, embeddings, class_probs, pixels, given)
 
     return tf.function(dense, autograph=False)
 
@@ -142,7 +146,7 @@ def main():
     embeddings, probs, _ = postprocess.make_scene(np.random.default_rng(0), args.size,
                                                   args.dim)
     e_tf, p_tf = tf.constant(embeddings), tf.constant(probs)
-    np_args = (embeddings[0], probs[0], config.num_seeds, config.alpha, config.taus)
+    np_args = (embeddings[0], probs[0], config.num_seeds, config.alpha, postprocess.TAUS)
     np_seeds, _ = postprocess.numpy_postprocess(*np_args)
     ranks = first_pass_ranks(embeddings, probs, np_seeds, config.alpha)
     num_pixels = args.size * args.size

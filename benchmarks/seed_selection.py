@@ -1,6 +1,6 @@
 """How many seeds each pass of `select_seeds` certifies, and what it costs.
 
-`inference.select_seeds` runs the paper's greedy in passes (see `inference._SeedPasses`):
+`ops.seeds.select_seeds` runs the paper's greedy in passes (see `ops.seeds.SeedPasses`):
 a pass rescores all pixels once, then picks seeds among its C best-scored candidates for
 as long as they provably beat every other pixel. This prints, for K = 100 seeds, d = 64
 and alpha = 0.3, the seeds certified by each pass and the time of `select_seeds` in a
@@ -25,7 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 
-from instance_embed import inference
+from instance_embed.ops import geometry
+from instance_embed.ops import seeds as seeds_lib
 
 import postprocess  # benchmarks/postprocess.py: make_scene
 import timing  # benchmarks/timing.py
@@ -78,10 +79,10 @@ INPUTS = {"scene": scene, "equal seediness": equal_seediness, "one instance": on
 
 
 def certified_per_pass(embeddings, seediness):
-    """Seeds certified by each pass, running `inference._SeedPasses` step by step."""
-    points, norms = (x[0] for x in inference._pixel_geometry(tf.constant(embeddings)))
+    """Seeds certified by each pass, running `SeedPasses` step by step."""
+    points, norms = (x[0] for x in geometry.pixel_geometry(tf.constant(embeddings)))
     seediness = tf.reshape(tf.constant(seediness), [-1])
-    passes = inference._SeedPasses(points, norms, seediness, tf.ones_like(seediness, tf.bool),
+    passes = seeds_lib.SeedPasses(points, norms, seediness, tf.ones_like(seediness, tf.bool),
                                    NUM_SEEDS, tf.constant(ALPHA))
     state, counts = passes.initial_state(), []
     while passes.not_done(*state):
@@ -98,8 +99,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
 
+    sizes = seeds_lib.DEFAULT_PASS_SIZES
     print(f"select_seeds, K={NUM_SEEDS}, d={args.dim}, alpha={ALPHA}, "
-          f"C={inference._SEED_CANDIDATES} candidates, at most {inference._SEEDS_PER_PASS} "
+          f"C={sizes.candidates} candidates, at most {sizes.seeds_per_pass} "
           f"seeds per pass; TF {tf.__version__}, {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     header = (f"{'heads':>7}  {'input':<22} {'passes':>6} {'tf.function':>11} {'XLA':>8}  "
@@ -107,7 +109,7 @@ def main():
     print(header)
     print("-" * len(header))
     functions = {jit: tf.function(
-        lambda e, s: inference.select_seeds(e, s, NUM_SEEDS, ALPHA), jit_compile=jit,
+        lambda e, s: seeds_lib.select_seeds(e, s, NUM_SEEDS, ALPHA), jit_compile=jit,
         autograph=False) for jit in (False, True)}
     for size in (int(s) for s in args.sizes.split(",")):
         for name, make in INPUTS.items():

@@ -20,6 +20,7 @@ Usage: python benchmarks/serving_latency.py [--backbone light] [--output_stride 
 """
 
 import argparse
+import dataclasses
 import io
 import os
 import tempfile
@@ -31,9 +32,8 @@ from PIL import Image
 import tensorflow as tf
 
 from instance_embed import configs
-from instance_embed import export
 from instance_embed import inference
-from instance_embed import predictor
+from instance_embed import serving
 from instance_embed.model import ModelConfig
 from instance_embed.model import build_model
 
@@ -74,19 +74,20 @@ def main():
     config = configs.ExperimentConfig(model=model_config)
     model = build_model(model_config)
     export_dir = args.export_dir or tempfile.mkdtemp(prefix="serving_latency_")
-    path = export.export_saved_model(model, config, export_dir,
-                                     export.ExportConfig(overwrite=True, version=1))
+    path = serving.export_saved_model(model, config, export_dir,
+                                      serving.ExportConfig(overwrite=True, version=1))
     loaded = tf.saved_model.load(path)
     compiled = {}
     for version, upsampling in ((2, "bilinear"), (3, "joint_bilateral")):
-        compiled[upsampling] = tf.saved_model.load(export.export_saved_model(
-            model, config, export_dir, export.ExportConfig(
-                overwrite=True, version=version, jit_compile=True,
-                mask_upsampling=upsampling)))
+        jit_config = dataclasses.replace(config, inference=dataclasses.replace(
+            config.inference, jit_compile=True, mask_upsampling=upsampling))
+        compiled[upsampling] = tf.saved_model.load(serving.export_saved_model(
+            model, jit_config, export_dir, serving.ExportConfig(overwrite=True,
+                                                                version=version)))
     image, encoded = test_image()
     pixels = tf.constant(image[None])
 
-    network = predictor.network_function(model)
+    network = inference.network_function(model)
     outputs = network(tf.cast(pixels, tf.float32))
     embeddings, logits = outputs["embeddings"], outputs["class_logits"]
     infer = config.inference
@@ -94,29 +95,30 @@ def main():
     @tf.function
     def heads_postprocess(embeddings, logits):
         detections = inference.heads_resolution_detections(
-            embeddings, tf.nn.softmax(logits), infer)
+            embeddings, tf.nn.softmax(logits), model_config.taus, infer)
         return detections["masks"]
 
     @tf.function
     def full_postprocess(embeddings, logits):
-        return inference.predict_instances(embeddings, logits, (SIZE, SIZE), infer)
+        return inference.predict_instances(embeddings, logits, (SIZE, SIZE), model_config.taus,
+                                           infer)
 
     signatures = loaded.signatures
     rows = [
-        ("serving_default, JPEG bytes in", lambda: signatures[export.SERVING_DEFAULT](
-            **{export.BYTES_INPUT: tf.constant([encoded["JPEG"]])})["instance_map"].numpy()),
-        ("serving_default, PNG bytes in", lambda: signatures[export.SERVING_DEFAULT](
-            **{export.BYTES_INPUT: tf.constant([encoded["PNG"]])})["instance_map"].numpy()),
-        ("serving_images, uint8 pixels in", lambda: signatures[export.SERVING_IMAGES](
-            **{export.IMAGES_INPUT: pixels})["instance_map"].numpy()),
-        ("serving_compact, JPEG in, PNG map out", lambda: signatures[export.SERVING_COMPACT](
-            **{export.BYTES_INPUT: tf.constant([encoded["JPEG"]])})[
+        ("serving_default, JPEG bytes in", lambda: signatures[serving.SERVING_DEFAULT](
+            **{serving.BYTES_INPUT: tf.constant([encoded["JPEG"]])})["instance_map"].numpy()),
+        ("serving_default, PNG bytes in", lambda: signatures[serving.SERVING_DEFAULT](
+            **{serving.BYTES_INPUT: tf.constant([encoded["PNG"]])})["instance_map"].numpy()),
+        ("serving_images, uint8 pixels in", lambda: signatures[serving.SERVING_IMAGES](
+            **{serving.IMAGES_INPUT: pixels})["instance_map"].numpy()),
+        ("serving_compact, JPEG in, PNG map out", lambda: signatures[serving.SERVING_COMPACT](
+            **{serving.BYTES_INPUT: tf.constant([encoded["JPEG"]])})[
                 "instance_map_png_bytes"].numpy()),
         ("serving_default, JPEG, --jit_compile", lambda: compiled["bilinear"].signatures[
-            export.SERVING_DEFAULT](**{export.BYTES_INPUT: tf.constant([encoded["JPEG"]])})[
+            serving.SERVING_DEFAULT](**{serving.BYTES_INPUT: tf.constant([encoded["JPEG"]])})[
                 "instance_map"].numpy()),
         ("same, joint bilateral masks", lambda: compiled["joint_bilateral"].signatures[
-            export.SERVING_DEFAULT](**{export.BYTES_INPUT: tf.constant([encoded["JPEG"]])})[
+            serving.SERVING_DEFAULT](**{serving.BYTES_INPUT: tf.constant([encoded["JPEG"]])})[
                 "instance_map"].numpy()),
         ("network alone", lambda: network(tf.cast(pixels, tf.float32))["embeddings"].numpy()),
         ("predict_instances (all post-processing)",

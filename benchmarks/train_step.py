@@ -63,9 +63,11 @@ def _child(backbone: str, size: int, batch: int, steps: int, warmup: int,
         model_kwargs["output_stride"] = output_stride
     # Random weights: the step costs the same with pretrained ones. With frozen layers
     # the backbone's BatchNorm is frozen too, as it is when fine-tuning.
-    model = build_model(ModelConfig(**model_kwargs,
-                                    freeze_backbone_batchnorm=bool(freeze_until) or None))
-    loss_fn = losses.InstanceLoss(losses.LossConfig(cls_warmup_steps=0, cls_ramp_steps=0))
+    model_config = ModelConfig(**model_kwargs,
+                               freeze_backbone_batchnorm=bool(freeze_until) or None)
+    model = build_model(model_config)
+    loss_fn = losses.InstanceLoss(losses.LossConfig(cls_warmup_steps=0, cls_ramp_steps=0),
+                                  model_config.taus)
     optimizer = keras.optimizers.Adam(1e-4)
     optimizer.build(model.trainable_variables)
 

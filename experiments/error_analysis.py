@@ -31,7 +31,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from instance_embed import evaluation
+from instance_embed.evaluation import matching
 
 FLAGS = flags.FLAGS
 
@@ -55,7 +55,7 @@ def mask_ious(gt_instances: np.ndarray, masks: np.ndarray,
     """
     num = int(max(gt_instances.max(), 0)) if num_instances is None else num_instances
     # The evaluator's own counts, so that the stages agree with the reported mAP^r.
-    return evaluation.ious_from_overlaps(evaluation.mask_overlaps(gt_instances, masks, num))
+    return matching.ious_from_overlaps(matching.mask_overlaps(gt_instances, masks, num))
 
 
 def detection_kinds(gt_instances: np.ndarray, gt_classes: np.ndarray, masks: np.ndarray,
@@ -131,16 +131,17 @@ def main(argv):
     del argv
     import tensorflow as tf
 
-    from instance_embed import checkpoints
     from instance_embed import data as datasets
-    from instance_embed import losses
-    from instance_embed import predictor
+    from instance_embed.inference import make_predict_fn
+    from instance_embed.losses.sampling import labels_at_resolution
+    from instance_embed.training import checkpoints
 
     model, config, path = checkpoints.restore_model(FLAGS.model_dir)
     print(f"checkpoint {path}, split {FLAGS.split}, inference {config.inference}")
-    kept_fn = predictor.make_predict_fn(model, config.inference)
-    raw_fn = predictor.make_predict_fn(
-        model, dataclasses.replace(config.inference, nms_iou_threshold=None,
+    taus = config.model.taus
+    kept_fn = make_predict_fn(model, taus, config.inference)
+    raw_fn = make_predict_fn(
+        model, taus, dataclasses.replace(config.inference, nms_iou_threshold=None,
                                    support_rescoring=0.0,
                                    score_threshold=0.0))
     examples = datasets.load(config.dataset.name, FLAGS.split,
@@ -160,15 +161,14 @@ def main(argv):
         h, w = embeddings.shape[:2]
         # The network saw the image padded to a multiple of 32: crop its heads to the
         # cells that cover the image.
-        stride = config.model.heads_stride
+        stride = config.model.output_stride
         h, w = -(-gt.shape[0] // stride), -(-gt.shape[1] // stride)
         embeddings = embeddings[:h, :w]
         padded = np.pad(gt, [(0, h * stride - gt.shape[0]), (0, w * stride - gt.shape[1])],
                         constant_values=-1)
-        labels = losses.labels_at_resolution(padded[None], (h, w)).numpy()[0]
+        labels = labels_at_resolution(padded[None], (h, w)).numpy()[0]
         num = len(gt_classes)
         present = np.isin(np.arange(1, num + 1), gt)  # instances the evaluator counts
-        taus = config.inference.taus
         stages["oracle, heads resolution"].append(
             oracle_best_ious(embeddings, labels, taus, num_instances=num)[present])
         stages["oracle, full resolution"].append(

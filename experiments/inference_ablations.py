@@ -48,17 +48,17 @@ def network_outputs(network, examples) -> dict:
 
     Args:
       network: float32 `[1, Hp, Wp, 3]` padded images -> dict with `embeddings` and
-        `class_logits` (e.g. `predictor.network_function(model)`).
+        `class_logits` (e.g. `inference.network_function(model)`).
       examples: contract examples.
     """
     import tensorflow as tf
 
-    from instance_embed import predictor
+    from instance_embed import inference
 
     cache = {}
     for example in examples:
         image = example["image"][tf.newaxis]
-        padded = predictor.pad_images(tf.cast(image, tf.float32))
+        padded = inference.pad_images(tf.cast(image, tf.float32))
         cache[_key(image)] = (network(padded), tf.shape(image)[1:3], tf.shape(padded)[1:3],
                               padded)
     return cache
@@ -68,24 +68,25 @@ def _key(image) -> str:
     return hashlib.sha1(image.numpy().tobytes()).hexdigest()
 
 
-def evaluate_setting(cache, examples, class_names, inference_config) -> dict:
+def evaluate_setting(cache, examples, class_names, taus, inference_config) -> dict:
     """The evaluator's metrics for one inference setting, from stored network outputs."""
     import tensorflow as tf
 
-    from instance_embed import eval_lib
-    from instance_embed import predictor
+    from instance_embed import evaluation
+    from instance_embed import inference
 
     @tf.function(reduce_retracing=True)
     def detect(outputs, image_size, padded_size, padded):
-        return predictor.detect(outputs, image_size, padded_size, inference_config, padded)
+        return inference.predict_from_outputs(outputs, image_size, padded_size, taus,
+                                              inference_config, padded)
 
     def predict(images):
         return detect(*cache[_key(images)])
 
-    return eval_lib.evaluate(predict, examples, class_names, progress=False).result()
+    return evaluation.evaluate(predict, examples, class_names, progress=False).result()
 
 
-def ablation_tables(cache, examples, class_names, base, alphas, seed_counts, nms
+def ablation_tables(cache, examples, class_names, taus, base, alphas, seed_counts, nms
                     ) -> tuple[dict, dict]:
     """Paper Tables 2 and 3, each with suppression at IoU `nms` and without.
 
@@ -95,7 +96,7 @@ def ablation_tables(cache, examples, class_names, base, alphas, seed_counts, nms
       with AR@0.5 the recall of ground-truth instances at IoU 0.5 among all detections.
     """
     def run(**overrides):
-        result = evaluate_setting(cache, examples, class_names,
+        result = evaluate_setting(cache, examples, class_names, taus,
                                   dataclasses.replace(base, **overrides))
         return result["mAP_r@0.5"], result["AR@0.5@1000"]
 
@@ -118,9 +119,9 @@ def main(argv):
     if not FLAGS.model_dir:
         raise app.UsageError("--model_dir is required")
 
-    from instance_embed import checkpoints
     from instance_embed import data as datasets
-    from instance_embed import predictor
+    from instance_embed import inference
+    from instance_embed.training import checkpoints
 
     model, config, path = checkpoints.restore_model(FLAGS.model_dir)
     data = config.dataset
@@ -130,13 +131,13 @@ def main(argv):
                              config=data.builder_config)
     class_names = datasets.class_names(data.name, data.builder_config)
     start = time.perf_counter()
-    cache = network_outputs(predictor.network_function(model), examples)
+    cache = network_outputs(inference.network_function(model), examples)
     logging.info("Network outputs of %d images in %.1f s (checkpoint %s).", len(cache),
                  time.perf_counter() - start, path)
     nms = FLAGS.nms_iou_threshold or config.inference.nms_iou_threshold or 0.5
     base = config.inference
     by_alpha, by_seeds = ablation_tables(
-        cache, examples, class_names, base, [float(a) for a in FLAGS.alphas],
+        cache, examples, class_names, config.model.taus, base, [float(a) for a in FLAGS.alphas],
         [int(k) for k in FLAGS.num_seeds], nms)
 
     lines = [f"Model: `{FLAGS.model_dir}` ({os.path.basename(path)}), split `{split}`, "

@@ -19,12 +19,14 @@ run's settings, so the paper's ablations (Tables 2 and 3) need no retraining.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from absl import app
 from absl import flags
 from absl import logging
+
+from instance_embed.configs import flags as config_flags
+from instance_embed.inference import InferenceConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Run directory written by train_main.")
@@ -36,37 +38,12 @@ flags.DEFINE_string("manual_dir", None, "Raw files of a dataset read from disk."
 flags.DEFINE_string("builder_config", None, "TFDS builder config (default: the run's).")
 flags.DEFINE_string("output_dir", None, "Where metrics.json and plots/ go.")
 flags.DEFINE_integer("max_examples", 0, "Evaluate at most this many examples (0 = all).")
-flags.DEFINE_integer("num_seeds", None, "Override: seeds per image (checkpoint mode).")
-flags.DEFINE_float("alpha", None, "Override: seed diversity weight (checkpoint mode).")
-flags.DEFINE_float("score_threshold", None, "Override: drop detections below (checkpoint).")
-flags.DEFINE_float("nms_iou_threshold", None,
-                   "Override: near-duplicate suppression IoU (checkpoint mode); <0 turns "
-                   "it off.")
-flags.DEFINE_float("support_rescoring", None,
-                   "Override: scale kept scores by min(1, suppressed duplicates + 1 / this); "
-                   "0 turns it off (checkpoint mode).")
-flags.DEFINE_enum("mask_upsampling", None, ["bilinear", "joint_bilateral"],
-                  "Override: how masks reach the image's resolution (checkpoint mode).")
-flags.DEFINE_float("bilateral_sigma", None,
-                   "Override: colour scale of joint_bilateral (checkpoint mode).")
-flags.DEFINE_boolean("jit_compile", None,
-                     "Override: post-processing as one XLA computation (checkpoint mode; "
-                     "compiled once per image size).")
+# With --model_dir, these change the run's inference settings (a SavedModel's were fixed
+# at export time).
+config_flags.define_flags(config_flags.INFERENCE_FLAGS, InferenceConfig, override=True)
 flags.DEFINE_boolean("ignore_as_background", False,
                      "Count void (-1) pixels as background in IoU (FCIS-style).")
 flags.DEFINE_boolean("use_07_metric", False, "VOC07 11-point AP (as MNC/FCIS printed).")
-
-
-def _inference_overrides(inference_config):
-    overrides = {}
-    for name in ("num_seeds", "alpha", "score_threshold", "support_rescoring", "mask_upsampling",
-                 "bilateral_sigma", "jit_compile"):
-        if FLAGS[name].value is not None:
-            overrides[name] = FLAGS[name].value
-    if FLAGS.nms_iou_threshold is not None:
-        overrides["nms_iou_threshold"] = (
-            None if FLAGS.nms_iou_threshold < 0 else FLAGS.nms_iou_threshold)
-    return dataclasses.replace(inference_config, **overrides)
 
 
 def main(argv):
@@ -77,27 +54,31 @@ def main(argv):
 
     import tensorflow as tf
 
-    from instance_embed import checkpoints
     from instance_embed import configs
     from instance_embed import data as datasets
-    from instance_embed import eval_lib
     from instance_embed import evaluation
-    from instance_embed import predictor
+    from instance_embed.inference import make_predict_fn
+    from instance_embed.training import checkpoints
 
     if FLAGS.model_dir:
         try:
             model, config, path = checkpoints.restore_model(FLAGS.model_dir)
+            inference_config = config_flags.apply_flags(
+                config.inference, config_flags.INFERENCE_FLAGS, override=True)
         except (FileNotFoundError, ValueError) as e:
-            raise app.UsageError(f"--model_dir={FLAGS.model_dir}: {e}") from None
+            message = config_flags.flag_error(e, config_flags.INFERENCE_FLAGS)
+            if not message.startswith("--"):
+                message = f"--model_dir={FLAGS.model_dir}: {message}"
+            raise app.UsageError(message) from None
         logging.info("Evaluating checkpoint %s", path)
-        predict_fn = predictor.make_predict_fn(model, _inference_overrides(config.inference))
+        predict_fn = make_predict_fn(model, config.model.taus, inference_config)
         dataset_config = config.dataset
         source = FLAGS.model_dir
     else:
-        from instance_embed import export
+        from instance_embed import serving
 
         try:
-            predict_fn, saved_path = export.load_images_signature(FLAGS.saved_model)
+            predict_fn, saved_path = serving.load_images_signature(FLAGS.saved_model)
         except (FileNotFoundError, ValueError, OSError) as e:
             raise app.UsageError(f"--saved_model={FLAGS.saved_model}: {e}") from None
         logging.info("Evaluating SavedModel %s", saved_path)
@@ -126,10 +107,10 @@ def main(argv):
     evaluator = evaluation.InstanceEvaluator(
         len(class_names), class_names=class_names, use_07_metric=FLAGS.use_07_metric,
         ignore_as_background=FLAGS.ignore_as_background)
-    eval_lib.evaluate(lambda images: predict_fn(tf.cast(images, tf.uint8)), examples,
-                      class_names, max_examples=FLAGS.max_examples, evaluator=evaluator)
+    evaluation.evaluate(lambda images: predict_fn(tf.cast(images, tf.uint8)), examples,
+                        class_names, max_examples=FLAGS.max_examples, evaluator=evaluator)
     output_dir = FLAGS.output_dir or os.path.join(source, f"eval_{split}")
-    eval_lib.write_outputs(evaluator, output_dir)  # Also logs the table.
+    evaluation.write_outputs(evaluator, output_dir)  # Also logs the table.
     print(f"Wrote {os.path.join(output_dir, evaluation.METRICS_FILENAME)} and "
           f"{os.path.join(output_dir, 'plots')}/")
 

@@ -169,12 +169,12 @@ def main(argv):
     import tensorflow as tf
     import tqdm
 
-    from instance_embed import export
+    from instance_embed import serving
     from instance_embed import visualize
 
     try:
-        predict, path = export.load_signature(FLAGS.saved_model, export.SERVING_DEFAULT)
-        class_names = export.load_class_names(path)
+        predict, path = serving.load_signature(FLAGS.saved_model, serving.SERVING_DEFAULT)
+        class_names = serving.load_class_names(path)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise app.UsageError(f"--saved_model={FLAGS.saved_model}: {e}") from None
     os.makedirs(FLAGS.output, exist_ok=True)

@@ -1,4 +1,4 @@
-"""`tf.data` input pipelines: augmented fixed-shape training batches, padded eval inputs.
+"""`tf.data` input pipeline: augmented training batches of static shape.
 
 Training (`train_dataset`) turns any dataset of contract examples (see
 `instance_embed.data.features`) into batches of static shape:
@@ -16,10 +16,8 @@ examples, before any randomness) -> shuffle -> repeat -> attach a per-example st
 seed -> augment (`augment.augment`) and pack the instances (`pack_instances`) in a
 parallel map -> batch (drop_remainder, for static shapes) -> prefetch.
 
-Evaluation (`eval_dataset`, `eval_example`) keeps full images: each example becomes a
-batch of one whose image is padded at the bottom and right to a multiple of 32 (what
-the model's output stride needs), with the original size alongside so predictions can
-be cropped back with `crop_to_image_size`.
+Evaluation and prediction take whole images of any size (`inference.predict_images`
+pads them for the network).
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ _EXPECTED_SPEC = {
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
-    """Configuration of the input pipelines.
+    """Configuration of the training input pipeline.
 
     Attributes:
       image_size: side S of the square training crops. The paper does not state its
@@ -52,8 +50,6 @@ class InputConfig:
       shuffle_buffer: examples in the shuffle buffer; <= 1 disables shuffling.
       cache: keep the decoded examples in memory after the first pass (before
         augmentation, so every epoch is still augmented afresh).
-      seed: default seed of `train_dataset` (None: nondeterministic).
-      eval_pad_multiple: evaluation images are padded to a multiple of this.
     """
 
     image_size: int = 512
@@ -62,8 +58,6 @@ class InputConfig:
         default_factory=augment_lib.AugmentConfig)
     shuffle_buffer: int = 1000
     cache: bool = False
-    seed: int | None = None
-    eval_pad_multiple: int = 32
 
     def __post_init__(self):
         if self.image_size < 32 or self.image_size % 32:
@@ -71,9 +65,6 @@ class InputConfig:
                              f"{self.image_size}")
         if self.max_instances < 1:
             raise ValueError(f"InputConfig.max_instances must be >= 1, got {self.max_instances}")
-        if self.eval_pad_multiple < 1:
-            raise ValueError("InputConfig.eval_pad_multiple must be >= 1, got "
-                             f"{self.eval_pad_multiple}")
         if not isinstance(self.augment, augment_lib.AugmentConfig):
             raise TypeError("InputConfig.augment must be an AugmentConfig, got "
                             f"{type(self.augment).__name__}")
@@ -162,7 +153,7 @@ def train_dataset(examples: tf.data.Dataset, config: InputConfig, batch_size: in
                   ) -> tf.data.Dataset:
     """Augmented training batches of static shape (paper section 4.2).
 
-    Deterministic when a seed is given (here or in `config.seed`): the shuffle order and
+    Deterministic when a seed is given: the shuffle order and
     every augmentation derive from it, and the parallel map keeps its order, so two
     datasets built with the same seed yield identical batches.
 
@@ -180,7 +171,8 @@ def train_dataset(examples: tf.data.Dataset, config: InputConfig, batch_size: in
         `instance_classes` int32 [N], `image_id` string); other keys are dropped.
       config: sizes, augmentation, shuffle and cache settings.
       batch_size: examples per batch (the global batch size with `input_context`).
-      seed: overrides `config.seed` when not None.
+      seed: the seed of the shuffle order and of every augmentation (None:
+        nondeterministic).
       repeat: repeat the examples forever (one pass when False; the last incomplete
         batch is dropped either way).
       input_context: given by `distribute_datasets_from_function`.
@@ -196,7 +188,6 @@ def train_dataset(examples: tf.data.Dataset, config: InputConfig, batch_size: in
     _check_examples(examples)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    seed = config.seed if seed is None else seed
     deterministic = seed is not None
     dataset = examples.map(_select, num_parallel_calls=tf.data.AUTOTUNE,
                            deterministic=deterministic)
@@ -228,75 +219,3 @@ def train_dataset(examples: tf.data.Dataset, config: InputConfig, batch_size: in
         tf.data.experimental.AutoShardPolicy.OFF if input_context is not None
         else tf.data.experimental.AutoShardPolicy.DATA)
     return dataset.with_options(options)
-
-
-def pad_to_multiple(tensor: tf.Tensor, multiple: int, value) -> tf.Tensor:
-    """Pads the first two axes at their end (bottom, right) up to a multiple.
-
-    Args:
-      tensor: [height, width, ...].
-      multiple: positive int.
-      value: padding value.
-
-    Returns:
-      [ceil(height / multiple) * multiple, ceil(width / multiple) * multiple, ...].
-    """
-    shape = tf.shape(tensor)
-    padded = -(-shape[:2] // multiple) * multiple
-    paddings = tf.concat([tf.stack([tf.zeros([2], tf.int32), padded - shape[:2]], axis=1),
-                          tf.zeros([tf.rank(tensor) - 2, 2], tf.int32)], axis=0)
-    return tf.pad(tensor, paddings, constant_values=value)
-
-
-def eval_example(example: dict, pad_multiple: int = 32) -> dict:
-    """One contract example as a model input batch of one, padded for the model.
-
-    Args:
-      example: contract example (`image` uint8 [H,W,3], `instances` int32 [H,W],
-        `instance_classes` int32 [N], `image_id` string).
-      pad_multiple: the padded height and width are multiples of it.
-
-    Returns:
-      `image` float32 [1,Hp,Wp,3] (0 in the padding), `instances` int32 [1,Hp,Wp] (-1 in
-      the padding), `instance_classes` int32 [1,N], `image_size` int32 [1,2] (the
-      original H, W), `image_id` string [1].
-    """
-    image = tf.cast(example["image"], tf.float32)
-    return {
-        "image": pad_to_multiple(image, pad_multiple, 0.0)[tf.newaxis],
-        "instances": pad_to_multiple(example["instances"], pad_multiple, -1)[tf.newaxis],
-        "instance_classes": example["instance_classes"][tf.newaxis],
-        "image_size": tf.shape(example["image"])[tf.newaxis, :2],
-        "image_id": example["image_id"][tf.newaxis],
-    }
-
-
-def crop_to_image_size(tensor: tf.Tensor, image_size: tf.Tensor) -> tf.Tensor:
-    """Undoes `eval_example`'s padding on a full-resolution prediction.
-
-    Args:
-      tensor: [batch, Hp, Wp, ...] (e.g. an instance map or masks resized to the input).
-      image_size: int32 [2] or [1, 2], the original (H, W).
-
-    Returns:
-      [batch, H, W, ...].
-    """
-    size = tf.reshape(image_size, [2])
-    return tensor[:, :size[0], :size[1]]
-
-
-def eval_dataset(examples: tf.data.Dataset, config: InputConfig) -> tf.data.Dataset:
-    """Examples in order, each as a padded batch of one (see `eval_example`).
-
-    Args:
-      examples: contract examples.
-      config: `eval_pad_multiple` is used.
-
-    Returns:
-      Dataset of `eval_example` dicts, in the order of `examples`.
-    """
-    _check_examples(examples)
-    multiple = config.eval_pad_multiple
-    dataset = examples.map(lambda ex: eval_example(ex, multiple),
-                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.prefetch(tf.data.AUTOTUNE)

@@ -44,7 +44,11 @@ class BackboneSpec:
       name: Registry name.
       build: `build(config) -> keras.Model` as described in the module docstring.
       output_strides: Output strides the builder supports.
-      coord_channels_default: Whether `ModelConfig.coord_channels=None` means on.
+      coord_channels: Whether the heads get two coordinate channels (x, y in [-1, 1])
+        beside the features. A translation-invariant network gives identical
+        embeddings to the corresponding pixels of two identical, touching objects, so
+        it cannot separate them; with coordinates the heads can map each pixel to,
+        e.g., its object's centre (docs/design.md has the measurement).
       load_weights: `load_weights(backbone, backbone_weights) -> [layer names]` loading
         a pretrained weight set into a backbone from `build`; None if there are none.
       new_layer_prefixes: Name prefixes of the layers a backbone adds to the pretrained
@@ -55,7 +59,7 @@ class BackboneSpec:
     name: str
     build: Callable
     output_strides: Tuple[int, ...]
-    coord_channels_default: bool = False
+    coord_channels: bool = False
     load_weights: Optional[Callable] = None
     new_layer_prefixes: Tuple[str, ...] = ()
 
@@ -72,7 +76,7 @@ def register_backbone(
     name: str,
     *,
     output_strides: Sequence[int] = (8, 16, 32),
-    coord_channels_default: bool = False,
+    coord_channels: bool = False,
     load_weights: Optional[Callable] = None,
     new_layer_prefixes: Sequence[str] = (),
 ) -> Callable[[Callable], Callable]:
@@ -81,7 +85,7 @@ def register_backbone(
     Args:
       name: Registry name, used as `ModelConfig.backbone`.
       output_strides: Output strides the builder supports.
-      coord_channels_default: Default of `ModelConfig.coord_channels` for this backbone.
+      coord_channels: See `BackboneSpec.coord_channels`.
       load_weights: See `BackboneSpec.load_weights`.
       new_layer_prefixes: See `BackboneSpec.new_layer_prefixes`.
 
@@ -104,7 +108,7 @@ def register_backbone(
             name=name,
             build=build,
             output_strides=strides,
-            coord_channels_default=coord_channels_default,
+            coord_channels=coord_channels,
             load_weights=load_weights,
             new_layer_prefixes=tuple(new_layer_prefixes),
         )

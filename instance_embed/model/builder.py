@@ -4,14 +4,11 @@
       -> backbone (shared weights) on each pyramid scale, resized to the scale-1.0 map
          and averaged (paper 3.6)                         [B, h, w, F]
       -> neck (1x1 conv)                                   [B, h, w, head_channels]
-      -> + coordinate channels (optional)
+      -> + coordinate channels (backbones that ask for them)
       -> embedding head        -> "embeddings"    float32 [B, h, w, d]
       -> classification head   -> "class_logits"  float32 [B, h, w, |T|, C + 1]
 
-with h = ceil(H / output_stride). With `detail_stride`, a shallow branch on the image
-([B, H / detail_stride, W / detail_stride, 16]) refines the embedding head at that finer
-stride, the class logits are resized bilinearly to it, and both outputs have
-h = ceil(H / detail_stride).
+with h = ceil(H / output_stride).
 
 Mixed precision: the config's dtype policy is made the global Keras policy only while
 the layers are constructed, then the previous global policy is restored. Every layer
@@ -177,24 +174,14 @@ def build_model(config: ModelConfig, load_backbone_weights: bool = True) -> kera
         features = pyramid_features(image, backbone, config)
         momentum = config.batchnorm_momentum
         x = heads.neck(features, config.head_channels, momentum)
-        if config.use_coord_channels:
+        if backbones.get_backbone(config.backbone).coord_channels:
             x = model_layers.AppendCoordinates(name="coordinates")(x)
-        detail = None
-        if config.detail_stride is not None:
-            detail = heads.detail_branch(image, config.detail_stride,
-                                         batchnorm_momentum=momentum)
         embeddings = heads.embedding_head(
-            x, config.embedding_dim, config.head_channels, config.head_depth, momentum,
-            detail=detail,
+            x, config.embedding_dim, config.head_channels, config.head_depth, momentum
         )
         class_logits = heads.classification_head(
-            x,
-            config.num_taus,
-            config.num_classes,
-            config.head_channels,
-            config.head_depth,
+            x, config.num_taus, config.num_classes, config.head_channels, config.head_depth,
             momentum,
-            output_reference=embeddings if detail is not None else None,
         )
         model = keras.Model(
             image,

@@ -1,17 +1,19 @@
 """Configuration of the network: backbone, heads, image pyramid and precision.
 
 `ModelConfig` is the single description of a network: `build_model(config)` turns it into
-a Keras model, and `to_dict()` / `from_dict()` round-trip it through the run directory's
-resolved configuration so that a run can be rebuilt exactly.
+a Keras model; it is part of the run's `ExperimentConfig` (`config.json`), so a run can
+be rebuilt exactly.
 """
 
 import dataclasses
 import math
 import numbers
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 from instance_embed.model import backbones
 
+# The paper's similarity thresholds T (section 4.1).
+PAPER_TAUS = (0.25, 0.5, 0.75, 0.9)
 MIXED_PRECISION_POLICIES = ("mixed_bfloat16", "mixed_float16")
 # Resolved by `resolve_mixed_precision` before a config is made; never stored.
 AUTO_MIXED_PRECISION = "auto"
@@ -79,12 +81,6 @@ class ModelConfig:
       head_channels: Width of the shared 1x1 neck and of the heads' 3x3 convolutions.
       head_depth: Number of 3x3 conv + BatchNorm + ReLU layers in each head before its
         1x1 output layer.
-      coord_channels: Append two coordinate channels (x, y in [-1, 1]) to the heads'
-        input. A translation-invariant network gives identical embeddings to the
-        corresponding pixels of two identical, touching objects, so it cannot separate
-        them; with coordinates the heads can map each pixel to, e.g., its object's
-        centre. None: the backbone's default (on for "light", off for the pretrained
-        backbones, whose heads see large receptive fields and image borders already).
       batchnorm_momentum: Momentum of the moving statistics of the BatchNorm layers the
         model creates (PyTorch's 0.1 is 0.9 here). Keras' default, 0.99, lags behind the
         weights in short CPU runs of a few hundred steps with a high learning rate, so
@@ -96,16 +92,6 @@ class ModelConfig:
       freeze_backbone_batchnorm: Run the backbone's BatchNorm layers in inference mode
         with frozen statistics (the usual choice when fine-tuning a pretrained backbone
         with small batches, as DeepLab does). None: frozen iff `backbone_weights` is set.
-      detail_stride: None, or a power of 2 below `output_stride` (e.g. 2 with output
-        stride 4): the heads' outputs are brought to this finer stride. A shallow
-        branch on the image (`heads.detail_branch`) gives edges and colour at that
-        stride; the embedding head's features are upsampled and fused with it, so that
-        masks follow the boundaries of thin parts (bars, rings) that span one or two
-        cells at the backbone's stride. The class logits are resized bilinearly to the
-        same size. The heads' resolution is then `H / detail_stride` (`heads_stride`).
-        Measured on synthetic shapes (experiments/RESULTS.md): better masks (recall and
-        mAP^r at IoU 0.7 up by about 8 points) but worse classes and scores (mAP^r at
-        IoU 0.5 down), at twice the cost of a training step; off by default.
     """
 
     backbone: str = "light"
@@ -114,16 +100,14 @@ class ModelConfig:
     output_stride: int = 8
     embedding_dim: int = 64
     num_classes: int = 1
-    taus: Tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
+    taus: Tuple[float, ...] = PAPER_TAUS
     pyramid_scales: Tuple[float, ...] = (1.0,)
     mixed_precision: Optional[str] = None
     head_channels: int = 64
     head_depth: int = 2
-    coord_channels: Optional[bool] = None
     batchnorm_momentum: float = 0.9
     freeze_backbone_batchnorm: Optional[bool] = None
     sync_batchnorm: bool = True
-    detail_stride: Optional[int] = None
 
     def __post_init__(self):
         # Flags and JSON give lists; the frozen dataclass stores tuples.
@@ -206,36 +190,15 @@ class ModelConfig:
                 f"ModelConfig.mixed_precision must be None or one of "
                 f"{list(MIXED_PRECISION_POLICIES)}, got {self.mixed_precision!r}."
             )
-        if self.detail_stride is not None:
-            _check_int(self.detail_stride, "detail_stride", 1)
-            if (self.detail_stride >= self.output_stride
-                    or self.detail_stride & (self.detail_stride - 1)
-                    or self.output_stride % self.detail_stride):
-                raise ValueError(
-                    "ModelConfig.detail_stride must be None or a power of 2 smaller than "
-                    f"output_stride={self.output_stride} that divides it, got "
-                    f"{self.detail_stride}.")
-        for field in ("coord_channels", "freeze_backbone_batchnorm"):
-            value = getattr(self, field)
-            if value is not None and not isinstance(value, bool):
-                raise ValueError(f"ModelConfig.{field} must be None or a bool, got {value!r}.")
+        if self.freeze_backbone_batchnorm is not None and not isinstance(
+                self.freeze_backbone_batchnorm, bool):
+            raise ValueError("ModelConfig.freeze_backbone_batchnorm must be None or a bool, "
+                             f"got {self.freeze_backbone_batchnorm!r}.")
 
     @property
     def num_taus(self) -> int:
         """Number of similarity thresholds |T|."""
         return len(self.taus)
-
-    @property
-    def heads_stride(self) -> int:
-        """Ratio of the input size to the heads' outputs: `detail_stride` if set."""
-        return self.detail_stride or self.output_stride
-
-    @property
-    def use_coord_channels(self) -> bool:
-        """Whether coordinate channels are appended, with None resolved per backbone."""
-        if self.coord_channels is None:
-            return backbones.get_backbone(self.backbone).coord_channels_default
-        return self.coord_channels
 
     @property
     def use_frozen_backbone_batchnorm(self) -> bool:
@@ -248,25 +211,6 @@ class ModelConfig:
     def dtype_policy(self) -> str:
         """Name of the Keras dtype policy the model's layers are built with."""
         return self.mixed_precision or "float32"
-
-    def to_dict(self) -> dict:
-        """A JSON-serialisable dict of every field (tuples become lists)."""
-        values = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            values[field.name] = list(value) if isinstance(value, tuple) else value
-        return values
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
-        """Inverse of `to_dict`; unknown keys are an error (they are usually typos)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"Unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}."
-            )
-        return cls(**dict(values))
 
 
 def cpu_has_native_bfloat16(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
@@ -295,9 +239,8 @@ def resolve_mixed_precision(value: Optional[str], strategy: str = "default",
     other values pass through.
 
     "auto" is "mixed_bfloat16" where training runs on hardware with bfloat16 matrix
-    units, a TPU or a CPU with AMX/AVX512-BF16 (for the light backbone about 1.5x the
-    float32 throughput with AMX, at the same accuracy, and 1.2x with AVX512-BF16 alone),
-    and None (float32) elsewhere: on CPUs without those units bfloat16 is emulated and
+    units, a TPU or a CPU with AMX/AVX512-BF16 (faster at the same accuracy; the
+    speed-ups are in docs/benchmarks.md), and None (float32) elsewhere: on CPUs without those units bfloat16 is emulated and
     slower, and on GPUs the choice between float16 and bfloat16 depends on the GPU, so it
     is left to the user.
 
@@ -348,5 +291,5 @@ def feature_size(
         raise ValueError(
             f"image_size must be a positive int or (height, width), got {image_size!r}."
         )
-    stride = config.heads_stride
+    stride = config.output_stride
     return tuple(-(-int(s) // stride) for s in image_size)

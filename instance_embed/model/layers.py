@@ -177,7 +177,7 @@ def coordinate_grid(height: _Length, width: _Length, dtype=tf.float32) -> tf.Ten
 class AppendCoordinates(keras.layers.Layer):
     """Concatenates two coordinate channels (CoordConv): `[b, h, w, c] -> [b, h, w, c + 2]`.
 
-    See `ModelConfig.coord_channels` for why the heads need them.
+    See `BackboneSpec.coord_channels` for why the heads need them.
     """
 
     def call(self, features):

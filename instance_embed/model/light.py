@@ -115,7 +115,7 @@ def load_light_weights(backbone: keras.Model, backbone_weights: str) -> list:
     )
 
 
-@backbones.register_backbone("light", output_strides=(4, 8), coord_channels_default=True,
+@backbones.register_backbone("light", output_strides=(4, 8), coord_channels=True,
                              load_weights=load_light_weights)
 def build_light(config) -> keras.Model:
     """The light backbone (random weights; `load_light_weights` loads a saved file)."""

@@ -376,7 +376,7 @@ def load_mobilenet_v2_weights(backbone: keras.Model, backbone_weights: str) -> L
 
 
 @backbones.register_backbone("mobilenet_v2", output_strides=OUTPUT_STRIDES,
-                             coord_channels_default=True,
+                             coord_channels=True,
                              load_weights=load_mobilenet_v2_weights,
                              new_layer_prefixes=(_DECODER_PREFIX,))
 def build_mobilenet_v2(config) -> keras.Model:

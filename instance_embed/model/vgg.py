@@ -137,7 +137,8 @@ def load_vgg16_weights(backbone: keras.Model, backbone_weights: str) -> list:
 
 
 @backbones.register_backbone("vgg16", output_strides=(8, 16, 32),
-                             load_weights=load_vgg16_weights, new_layer_prefixes=("fc6", "fc7"))
+                             coord_channels=True, load_weights=load_vgg16_weights,
+                             new_layer_prefixes=("fc6", "fc7"))
 def build_vgg16(config) -> keras.Model:
     """DeepLab-LargeFOV VGG16 backbone, 1024 channels, see `deeplab_vgg16`."""
     return deeplab_vgg16(config.output_stride)

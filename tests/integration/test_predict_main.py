@@ -1,0 +1,273 @@
+"""Tests of instance_embed.predict_main: files in, PNGs and COCO results out.
+
+A tiny random model is exported once; predict_main runs on a folder holding good
+images, a text file named .png and an empty file, in a subprocess so that its exit
+status is the real one. Its outputs are checked against the SavedModel's own outputs
+and, for the RLE, against pycocotools.
+"""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import app
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from instance_embed import predict_main
+from instance_embed import serving
+
+NUM_SEEDS = 8
+CLASS_NAMES = ("disk", "ring", "bar")
+
+
+def random_image(height, width, seed=0):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(height // 8, 2), max(width // 8, 2), 3), np.uint8)
+    return np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR))
+
+
+def encode(array, fmt):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory, make_run_dir):
+    run_dir = make_run_dir(tmp_path_factory.mktemp("run"), NUM_SEEDS, seed=1)
+    path = tmp_path_factory.mktemp("export")
+    serving.export_from_model_dir(str(run_dir), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    good = {"street.png": encode(random_image(37, 45, seed=1), "PNG"),
+            "field.jpg": encode(random_image(20, 60, seed=2), "JPEG"),
+            "gray.png": encode(random_image(24, 24, seed=3)[..., 0], "PNG")}
+    for name, data in good.items():
+        (folder / name).write_bytes(data)
+    (folder / "notes.png").write_text("not an image, whatever the name says\n")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "subfolder").mkdir()  # not a file: skipped
+    return folder, good
+
+
+@pytest.fixture(scope="module")
+def run(export_dir, inputs, tmp_path_factory):
+    folder, _ = inputs
+    output = tmp_path_factory.mktemp("predictions")
+    process = subprocess.run(
+        [sys.executable, "-m", "instance_embed.predict_main", f"--saved_model={export_dir}",
+         f"--input={folder}", f"--output={output}", "--overlay_min_score=0"],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    return process, output
+
+
+@pytest.fixture(scope="module")
+def model_outputs(export_dir, inputs):
+    """The SavedModel's outputs for each good file, called directly."""
+    _, good = inputs
+    predict, _ = serving.load_signature(str(export_dir))
+    return {os.path.splitext(name)[0]: {k: v.numpy()[0] for k, v in
+                                        predict(tf.constant([data])).items()}
+            for name, data in good.items()}
+
+
+def test_bad_files_are_reported_and_exit_status_is_nonzero(run):
+    process, _ = run
+    assert process.returncode == 1, process.stderr[-3000:]
+    failed = [line for line in process.stderr.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 2, process.stderr[-3000:]
+    assert any("notes.png" in line and "neither a JPEG nor a PNG" in line for line in failed)
+    assert any("empty.jpg" in line and "is empty (0 bytes)" in line for line in failed)
+    assert "3 of 5 images done" in process.stdout
+
+
+def test_instance_pngs_match_the_saved_model(run, model_outputs, inputs):
+    _, output = run
+    _, good = inputs
+    written = sorted(os.listdir(output))
+    expected = sorted([f"{stem}_{kind}.png" for stem in model_outputs
+                       for kind in ("instances", "overlay")] + ["predictions.json"])
+    assert written == expected
+    for stem, outputs in model_outputs.items():
+        with Image.open(output / f"{stem}_instances.png") as picture:
+            assert picture.mode == "I;16"  # 16-bit grayscale PNG
+            labels = np.asarray(picture)
+        np.testing.assert_array_equal(labels, outputs["instance_map"])
+        assert labels.max() >= 1
+
+
+def test_overlays_show_masks_over_the_image(run, model_outputs, inputs):
+    _, output = run
+    _, good = inputs
+    for name, data in good.items():
+        stem = os.path.splitext(name)[0]
+        image = tf.io.decode_image(data, channels=3).numpy()
+        with Image.open(output / f"{stem}_overlay.png") as picture:
+            assert picture.mode == "RGB"
+            overlay = np.asarray(picture)
+        assert overlay.shape == image.shape
+        outputs = model_outputs[stem]
+        masks = outputs["detection_masks"][:outputs["num_detections"]].astype(bool)
+        union = masks.any(axis=0)
+        assert (overlay[union] != image[union]).any(axis=-1).mean() > 0.5
+        # Away from the masks and the labels written at their top-left corners, the
+        # image is untouched.
+        untouched = ~union
+        for mask in masks:
+            rows, cols = np.nonzero(mask)
+            if rows.size == 0:  # a seed's mask can vanish at full resolution
+                continue
+            untouched[rows.min():rows.min() + 16, cols.min():cols.min() + 160] = False
+        np.testing.assert_array_equal(overlay[untouched], image[untouched])
+
+
+def test_predictions_json_is_coco_results_of_the_model(run, model_outputs, inputs):
+    _, output = run
+    with open(output / "predictions.json") as f:
+        results = json.load(f)
+    assert {r["image_id"] for r in results} == set(model_outputs)
+    for stem, outputs in model_outputs.items():
+        mine = [r for r in results if r["image_id"] == stem]
+        count = int(outputs["num_detections"])
+        assert len(mine) == count  # --min_score=0 keeps every valid detection
+        for k, result in enumerate(mine):
+            assert result["category_id"] == outputs["detection_classes"][k]
+            assert result["score"] == pytest.approx(float(outputs["detection_scores"][k]))
+            mask = mask_utils.decode(result["segmentation"])
+            np.testing.assert_array_equal(mask, outputs["detection_masks"][k])
+
+    # pycocotools reads the file as a results file for matching ground truth.
+    coco = COCO()
+    coco.dataset = {
+        "images": [{"id": stem, "height": int(o["image_size"][0]),
+                    "width": int(o["image_size"][1])} for stem, o in model_outputs.items()],
+        "annotations": [],
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASS_NAMES)]}
+    coco.createIndex()
+    detections = coco.loadRes(str(output / "predictions.json"))
+    rank, seen = [], {}  # each result's position among its image's results
+    for result in results:
+        rank.append(seen.get(result["image_id"], 0))
+        seen[result["image_id"]] = rank[-1] + 1
+    annotations = detections.loadAnns(detections.getAnnIds())
+    assert len(annotations) == len(results)
+    for annotation in annotations:  # ids number the results from 1, in file order
+        i = annotation["id"] - 1
+        outputs = model_outputs[results[i]["image_id"]]
+        np.testing.assert_array_equal(detections.annToMask(annotation),
+                                      outputs["detection_masks"][rank[i]])
+
+
+def test_missing_saved_model_is_a_usage_error(tmp_path, inputs):
+    folder, _ = inputs
+    argv = ["predict_main", f"--saved_model={tmp_path / 'nothing'}", f"--input={folder}",
+            f"--output={tmp_path / 'out'}"]
+    predict_main.FLAGS(argv)
+    try:
+        with pytest.raises(app.UsageError, match="No SavedModel in"):
+            predict_main.main(argv[:1])
+        predict_main.FLAGS(argv[:3] + [f"--input={tmp_path / '*.jpg'}"])
+        with pytest.raises(app.UsageError, match="no file matches"):
+            predict_main.main(argv[:1])
+    finally:
+        predict_main.FLAGS.unparse_flags()
+
+
+# ----------------------------------------------------------------------------------
+# COCO RLE, against pycocotools.
+
+
+def _masks():
+    rng = np.random.default_rng(0)
+    masks = [rng.random((h, w)) < p for h, w, p in
+             [(5, 7, 0.5), (1, 1, 1.0), (1, 1, 0.0), (13, 4, 0.9), (40, 33, 0.02),
+              (64, 64, 0.5)]]
+    masks.append(np.zeros((9, 11), bool))
+    masks.append(np.ones((9, 11), bool))
+    blob = np.zeros((300, 260), bool)
+    blob[20:280, 30:200] = True  # long runs: counts over 2^5 and 2^10
+    masks.append(blob)
+    striped = np.zeros((6, 5), bool)
+    striped[:, 0] = True  # the first pixel is set: the first run (of 0s) is empty
+    masks.append(striped)
+    return masks
+
+
+@pytest.mark.parametrize("index", range(len(_masks())))
+def test_rle_matches_pycocotools(index):
+    mask = _masks()[index]
+    rle = predict_main.encode_rle(mask)
+    assert rle["size"] == list(mask.shape)
+    reference = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    assert rle["counts"] == reference["counts"].decode("ascii")
+    np.testing.assert_array_equal(mask_utils.decode(rle), mask)
+    # The uncompressed counts are valid COCO RLE on their own.
+    counts = predict_main.rle_counts(mask)
+    assert sum(counts) == mask.size
+    uncompressed = mask_utils.frPyObjects({"size": list(mask.shape), "counts": counts},
+                                          *mask.shape)
+    np.testing.assert_array_equal(mask_utils.decode(uncompressed), mask)
+
+
+def test_rle_counts_by_hand():
+    # Column-major: [[0, 1], [1, 1]] reads 0, 1, 1, 1.
+    assert predict_main.rle_counts(np.array([[0, 1], [1, 1]])) == [1, 3]
+    assert predict_main.rle_counts(np.array([[1, 0], [1, 0]])) == [0, 2, 2]
+    # 3 -> "3"; 40 = 8 + 32: groups 8 (more) then 1 -> chr(48+8+32) + chr(49).
+    assert predict_main.compress_rle_counts([3]) == "3"
+    assert predict_main.compress_rle_counts([40]) == "X1"
+    # From the fourth count on, the difference to the count two before: 4 - 9 = -5,
+    # one group 27 (sign bit 0x10 set, and -5 >> 5 == -1 ends it) -> chr(48 + 27).
+    assert predict_main.compress_rle_counts([1, 9, 2, 4]) == "192K"
+    # 16 needs a second group: its sign bit would otherwise read as negative.
+    assert predict_main.compress_rle_counts([16]) == "`0"
+
+
+def test_output_stems_and_inputs(tmp_path):
+    assert predict_main.output_stems(["a/x.png", "b/y.jpg"]) == ["x", "y"]
+    assert predict_main.output_stems(["a.png", "a.jpg", "b.png"]) == ["a_png", "a_jpg", "b"]
+    assert predict_main.output_stems(["d1/a.png", "d2/a.png"]) == ["a_png", "a_png_2"]
+    for name in ("1.png", "2.jpg", "3.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    assert predict_main.find_inputs(str(tmp_path)) == [
+        str(tmp_path / n) for n in ("1.png", "2.jpg", "3.txt")]
+    assert predict_main.find_inputs(str(tmp_path / "*.png")) == [str(tmp_path / "1.png")]
+    assert predict_main.find_inputs(str(tmp_path / "2.jpg")) == [str(tmp_path / "2.jpg")]
+    assert predict_main.find_inputs(str(tmp_path / "none*")) == []
+
+
+def test_filter_detections_keeps_a_prefix_and_clears_the_map():
+    outputs = {
+        "num_detections": np.int32(3),
+        "detection_scores": np.array([0.9, 0.6, 0.2, 0.0], np.float32),
+        "detection_classes": np.array([1, 2, 1, 0], np.int32),
+        "detection_masks": np.ones((4, 2, 3), np.uint8),
+        "instance_map": np.array([[1, 2, 3], [0, 3, 2]], np.int32),
+    }
+    kept = predict_main.filter_detections(outputs, min_score=0.5)
+    np.testing.assert_array_equal(kept["scores"], np.float32([0.9, 0.6]))
+    np.testing.assert_array_equal(kept["classes"], [1, 2])
+    assert kept["masks"].shape == (2, 2, 3) and kept["masks"].dtype == bool
+    np.testing.assert_array_equal(kept["instance_map"], [[1, 2, 0], [0, 0, 2]])
+    np.testing.assert_array_equal(outputs["instance_map"], [[1, 2, 3], [0, 3, 2]])
+
+
+def test_model_error_message_drops_tf_decoration():
+    error = tf.errors.InvalidArgumentError(
+        None, None, "Graph execution error:\n\nDetected at node Assert/Assert\n"
+        "assertion failed: [image_bytes[0] is empty (0 bytes)]\n\t [[{{node Assert}}]]")
+    assert predict_main.model_error_message(error) == "is empty (0 bytes)"
+    assert predict_main.model_error_message(ValueError("plain\nmore")) == "plain"
