@@ -21,9 +21,17 @@ import pathlib
 from typing import Iterable, Sequence
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+# The contract as `tf.data` element specs, e.g. for `tf.data.Dataset.from_generator`.
+CONTRACT_SIGNATURE = {
+    "image": tf.TensorSpec([None, None, 3], tf.uint8),
+    "instances": tf.TensorSpec([None, None], tf.int32),
+    "instance_classes": tf.TensorSpec([None], tf.int32),
+    "image_id": tf.TensorSpec([], tf.string),
+}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 # PIL modes of single-channel images holding more than 8 bits per pixel.
 _WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")

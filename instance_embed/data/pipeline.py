@@ -27,14 +27,9 @@ import dataclasses
 import tensorflow as tf
 
 from instance_embed.data import augment as augment_lib
+from instance_embed.data.features import CONTRACT_SIGNATURE
 
-CONTRACT_KEYS = ("image", "instances", "instance_classes", "image_id")
-_EXPECTED_SPEC = {
-    "image": (tf.uint8, 3),
-    "instances": (tf.int32, 2),
-    "instance_classes": (tf.int32, 1),
-    "image_id": (tf.string, 0),
-}
+CONTRACT_KEYS = tuple(CONTRACT_SIGNATURE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +71,11 @@ def _check_examples(examples: tf.data.Dataset) -> None:
     if not isinstance(spec, dict):
         raise ValueError("examples must be a tf.data.Dataset of dicts with keys "
                          f"{CONTRACT_KEYS}, got elements of {spec}")
-    for key, (dtype, rank) in _EXPECTED_SPEC.items():
+    for key, expected in CONTRACT_SIGNATURE.items():
         if key not in spec:
             raise ValueError(f"examples lack the key {key!r} (contract keys: {CONTRACT_KEYS})")
         got = spec[key]
+        dtype, rank = expected.dtype, expected.shape.rank
         if got.dtype != dtype or (got.shape.rank is not None and got.shape.rank != rank):
             raise ValueError(f"examples[{key!r}] must be {dtype.name} of rank {rank}, got "
                              f"{got.dtype.name} of shape {got.shape}")

@@ -129,7 +129,7 @@ class Shape:
         return out
 
 
-def _footprint(rng: np.random.Generator, class_id: int, size: int) -> np.ndarray:
+def shape_footprint(rng: np.random.Generator, class_id: int, size: int) -> np.ndarray:
     """Draws a shape of class `class_id` centred in a local patch.
 
     Returns:
@@ -162,7 +162,7 @@ def _footprint(rng: np.random.Generator, class_id: int, size: int) -> np.ndarray
     return (np.abs(u) <= half_length) & (np.abs(v) <= half_width)
 
 
-def _touching_centres(anchor: Shape, patch: np.ndarray, size: int) -> np.ndarray:
+def touching_centres(anchor: Shape, patch: np.ndarray, size: int) -> np.ndarray:
     """Centres where `patch` would touch `anchor` without overlapping it.
 
     Args:
@@ -195,7 +195,7 @@ def _touching_centres(anchor: Shape, patch: np.ndarray, size: int) -> np.ndarray
     return np.argwhere(near & ~overlap) + (y0, x0)
 
 
-def _place(patch: np.ndarray, centre: tuple[int, int], size: int
+def place_patch(patch: np.ndarray, centre: tuple[int, int], size: int
            ) -> tuple[np.ndarray, np.ndarray]:
     """Pixels (rows, columns) of `patch` centred at `centre`, clipped to the image."""
     radius = patch.shape[0] // 2
@@ -235,12 +235,12 @@ def sample_scene(rng: np.random.Generator, size: int, max_instances: int = 10
         shapes: list[Shape] = []
         for _ in range(num):
             class_id = int(rng.integers(1, len(CLASS_NAMES) + 1))
-            patch = _footprint(rng, class_id, size)
+            patch = shape_footprint(rng, class_id, size)
             placement = int(rng.choice(3, p=_PLACEMENT_PROBS)) if shapes else _FREE
             anchor = int(rng.integers(len(shapes))) if shapes else -1
             centre = None
             if placement == _TOUCH:
-                candidates = _touching_centres(shapes[anchor], patch, size)
+                candidates = touching_centres(shapes[anchor], patch, size)
                 if len(candidates):
                     centre = candidates[rng.integers(len(candidates))]
             elif placement == _OCCLUDE:
@@ -250,7 +250,7 @@ def sample_scene(rng: np.random.Generator, size: int, max_instances: int = 10
                 margin = 0.05 * size
                 centre = tuple(np.round(rng.uniform(margin, size - 1 - margin, 2))
                                .astype(int))
-            ys, xs = _place(patch, centre, size)
+            ys, xs = place_patch(patch, centre, size)
             if len(ys):
                 shapes.append(Shape(class_id, ys, xs))
         # Removing a shape only uncovers others, so one pass of removals suffices.
@@ -265,7 +265,7 @@ def sample_scene(rng: np.random.Generator, size: int, max_instances: int = 10
 
 
 @dataclasses.dataclass
-class _Waves:
+class Waves:
     """A random sum of plane waves, one texture; `sample` draws one.
 
     value(y, x)[c] = sum_k weights[k, c] * sin(fy[k] * y + fx[k] * x + phase[k]).
@@ -278,7 +278,7 @@ class _Waves:
 
     @classmethod
     def sample(cls, rng: np.random.Generator, size: int, num_waves: int,
-               cycles: tuple[float, float], channels: int) -> "_Waves":
+               cycles: tuple[float, float], channels: int) -> "Waves":
         """Waves of `cycles` (log-uniform) periods per image, unit variance on average."""
         freq = np.exp(rng.uniform(*np.log(cycles), num_waves)) * 2 * math.pi / size
         angle = rng.uniform(0, 2 * math.pi, num_waves)
@@ -325,7 +325,7 @@ def render_scene(rng: np.random.Generator, shapes: list[Shape], size: int,
         instance_classes: int32 [N].
     """
     base = rng.uniform(30, 225, 3)
-    texture = _Waves.sample(rng, size, 8, (0.5, 12.0), 3).on_grid(size)
+    texture = Waves.sample(rng, size, 8, (0.5, 12.0), 3).on_grid(size)
     background = base + texture * rng.uniform(*style.background_texture)
     canvas = background.copy()
     colours: list[np.ndarray] = []
@@ -342,8 +342,8 @@ def render_scene(rng: np.random.Generator, shapes: list[Shape], size: int,
             colour = rng.uniform(0, 255, 3)
         colours.append(colour)
         # A luminance texture plus a weaker chromatic one, class-independent.
-        pattern = _Waves.sample(rng, size, 4, (1.0, 20.0), 1).at(shape.ys, shape.xs)
-        tint = _Waves.sample(rng, size, 3, (0.5, 6.0), 3).at(shape.ys, shape.xs)
+        pattern = Waves.sample(rng, size, 4, (1.0, 20.0), 1).at(shape.ys, shape.xs)
+        tint = Waves.sample(rng, size, 3, (0.5, 6.0), 3).at(shape.ys, shape.xs)
         canvas[shape.ys, shape.xs] = (colour + pattern * rng.uniform(0, style.instance_texture)
                                       + tint * rng.uniform(0, style.instance_tint))
     noisy = canvas + rng.uniform(*style.noise) * rng.standard_normal(canvas.shape,

@@ -117,6 +117,18 @@ def register_backbone(
     return decorator
 
 
+def unregister_backbone(name: str) -> None:
+    """Removes a backbone registered with `register_backbone` (e.g. one a test made).
+
+    Raises:
+      ValueError: if `name` is not registered.
+    """
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise ValueError(f"Backbone {name!r} is not registered.")
+    del _REGISTRY[name]
+
+
 def _load_builtins() -> None:
     global _builtins_loaded
     if _builtins_loaded:

@@ -6,19 +6,15 @@ import tensorflow as tf
 from scipy import ndimage
 
 from instance_embed.data import augment
+from instance_embed.data import features
 from instance_embed.data import pipeline
 
-SIGNATURE = {
-    "image": tf.TensorSpec([None, None, 3], tf.uint8),
-    "instances": tf.TensorSpec([None, None], tf.int32),
-    "instance_classes": tf.TensorSpec([None], tf.int32),
-    "image_id": tf.TensorSpec([], tf.string),
-}
 NO_AUGMENT = augment.AugmentConfig(rotate=False, resize=False, crop=False, flip=False)
 
 
 def _dataset(examples):
-    return tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=SIGNATURE)
+    return tf.data.Dataset.from_generator(lambda: iter(examples),
+                                          output_signature=features.CONTRACT_SIGNATURE)
 
 
 def _rectangles_example(rng, height, width, sizes, classes, image_id):

@@ -174,7 +174,7 @@ def test_backgrounds_are_textured(style, min_std, request):
 
 
 def test_waves_on_grid_matches_pointwise_sum():
-    waves = ss._Waves.sample(np.random.default_rng(3), 40, 5, (0.5, 12.0), 3)
+    waves = ss.Waves.sample(np.random.default_rng(3), 40, 5, (0.5, 12.0), 3)
     ys, xs = np.mgrid[0:40, 0:40]
     expected = np.zeros((40, 40, 3))
     for k in range(5):
@@ -189,19 +189,19 @@ def test_waves_on_grid_matches_pointwise_sum():
 def test_touching_centres_match_brute_force(class_id):
     size = 48
     rng = np.random.default_rng(class_id)
-    anchor_patch = ss._footprint(rng, ss.DISK, size)
-    ys, xs = ss._place(anchor_patch, (20, 26), size)
+    anchor_patch = ss.shape_footprint(rng, ss.DISK, size)
+    ys, xs = ss.place_patch(anchor_patch, (20, 26), size)
     anchor = ss.Shape(ss.DISK, ys, xs)
     anchor_mask = anchor.mask(size)
-    patch = ss._footprint(rng, class_id, size)
+    patch = ss.shape_footprint(rng, class_id, size)
     expected = set()
     for cy, cx in itertools.product(range(size), range(size)):
         placed = np.zeros((size, size), bool)
-        placed[ss._place(patch, (cy, cx), size)] = True
+        placed[ss.place_patch(patch, (cy, cx), size)] = True
         if not np.any(placed & anchor_mask) and np.any(
                 scipy.ndimage.binary_dilation(placed, CROSS) & anchor_mask):
             expected.add((cy, cx))
-    got = {tuple(c) for c in ss._touching_centres(anchor, patch, size).tolist()}
+    got = {tuple(c) for c in ss.touching_centres(anchor, patch, size).tolist()}
     # Centres whose whole patch falls outside the image cannot touch anything.
     assert got == expected and expected
 

@@ -28,23 +28,19 @@ from instance_embed import data as datasets
 from instance_embed import losses
 from instance_embed import training
 from instance_embed.data import augment
+from instance_embed.data import features
 from instance_embed.data import pipeline
 from instance_embed.losses import sampling
 from instance_embed.training import checkpoints
 
-SIGNATURE = {
-    "image": tf.TensorSpec([None, None, 3], tf.uint8),
-    "instances": tf.TensorSpec([None, None], tf.int32),
-    "instance_classes": tf.TensorSpec([None], tf.int32),
-    "image_id": tf.TensorSpec([], tf.string),
-}
 NO_AUGMENT = augment.AugmentConfig(rotate=False, resize=False, crop=False, flip=False)
 TAUS = (0.5, 0.75)
 STRIDE = 8
 
 
 def _dataset(examples):
-    return tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=SIGNATURE)
+    return tf.data.Dataset.from_generator(lambda: iter(examples),
+                                          output_signature=features.CONTRACT_SIGNATURE)
 
 
 def _example(instances, classes, image_id, image=None):

@@ -128,10 +128,16 @@ def test_registry_lists_builtins_and_unknown_name_lists_them():
         assert name in message
 
 
-def test_register_custom_backbone_and_reject_duplicates(monkeypatch):
-    available_backbones()  # registers the built-ins in the real registry first
-    monkeypatch.setattr(backbones_lib, "_REGISTRY", dict(backbones_lib._REGISTRY))
+@pytest.fixture
+def scratch_backbones():
+    """Names registered by the test are unregistered after it."""
+    before = set(available_backbones())
+    yield
+    for name in set(available_backbones()) - before:
+        backbones_lib.unregister_backbone(name)
 
+
+def test_register_custom_backbone_and_reject_duplicates(scratch_backbones):
     @register_backbone("tiny_test", output_strides=(8,))
     def build_tiny(config):
         image = keras.Input(shape=(None, None, 3))
@@ -146,10 +152,7 @@ def test_register_custom_backbone_and_reject_duplicates(monkeypatch):
     assert not get_backbone("tiny_test").coord_channels
 
 
-def test_builder_rejects_backbone_with_wrong_name(monkeypatch):
-    available_backbones()  # registers the built-ins in the real registry first
-    monkeypatch.setattr(backbones_lib, "_REGISTRY", dict(backbones_lib._REGISTRY))
-
+def test_builder_rejects_backbone_with_wrong_name(scratch_backbones):
     @register_backbone("misnamed_test", output_strides=(8,))
     def build_misnamed(config):
         image = keras.Input(shape=(None, None, 3))
@@ -411,17 +414,21 @@ def test_resnet_stride16_dilates_conv5_only():
     assert backbone.get_layer("conv5_block1_2_conv").dilation_rate == (2, 2)
 
 
-def test_resnet_imagenet_goes_through_keras_applications(monkeypatch):
+@pytest.mark.parametrize("backbone, application", [("resnet50", "ResNet50"),
+                                                   ("mobilenet_v2", "MobileNetV2")])
+def test_imagenet_weights_go_through_keras_applications(backbone, application, monkeypatch):
     calls = []
-    original = keras.applications.ResNet50
+    original = getattr(keras.applications, application)
 
-    def fake_resnet50(include_top, weights, input_shape):
+    def fake(include_top, weights, input_shape):
         calls.append((include_top, weights))
         return original(include_top=include_top, weights=None, input_shape=input_shape)
 
-    monkeypatch.setattr(keras.applications, "ResNet50", fake_resnet50)
-    build_backbone(ModelConfig(backbone="resnet50", backbone_weights="imagenet"))
+    monkeypatch.setattr(keras.applications, application, fake)
+    built = build_backbone(ModelConfig(backbone=backbone, backbone_weights="imagenet"))
     assert calls == [(False, "imagenet")]
+    if backbone == "mobilenet_v2":  # Keras' conventions come with Keras' weights
+        assert built.get_layer("bn_Conv1").epsilon == pytest.approx(1e-3)
 
 
 def test_resnet_rejects_weights_of_another_network(tmp_path):
