@@ -40,16 +40,19 @@ venv:
 # write a few test images, train, evaluate on the test split, export, predict.
 demo: venv
 	@start=$$(date +%s); set -e; \
-	$(PY) -m instance_embed.dataset_main --dataset=synthetic_shapes --data_dir=$(DATA_DIR) \
-	    --split=test --write_images=4 --output_dir=$(DEMO_DIR)/test_images; \
+	$(PY) -m instance_embed.dataset_main --dataset=synthetic_shapes --builder_config=demo \
+	    --data_dir=$(DATA_DIR) --split=test --write_images=8 \
+	    --output_dir=$(DEMO_DIR)/test_images; \
 	$(PY) -m instance_embed.train_main --flagfile=experiments/shapes_demo.flags \
 	    --data_dir=$(DATA_DIR) --model_dir=$(DEMO_DIR) \
 	    $(if $(DEMO_MINUTES),--time_budget_minutes=$(DEMO_MINUTES)) $(DEMO_ARGS); \
 	$(PY) -m instance_embed.eval_main --model_dir=$(DEMO_DIR) --split=test; \
 	$(PY) -m instance_embed.export_main --model_dir=$(DEMO_DIR) --export_dir=$(DEMO_DIR)/export; \
 	$(PY) -m instance_embed.predict_main --saved_model=$(DEMO_DIR)/export \
-	    --input='$(DEMO_DIR)/test_images/*.png' --output=$(DEMO_DIR)/predictions; \
+	    --input='$(DEMO_DIR)/test_images/*.png' --output=$(DEMO_DIR)/predictions \
+	    --ground_truth_dir=$(DEMO_DIR)/test_images/ground_truth; \
 	echo; echo "Demo finished in $$(( $$(date +%s) - start )) s."; \
+	echo "  overview picture:   $(DEMO_DIR)/predictions/overview.png"; \
 	echo "  metrics and plots:  $(DEMO_DIR)/eval_test/ (metrics.json, plots/)"; \
 	echo "  SavedModel:         $(DEMO_DIR)/export/"; \
 	echo "  overlays:           $(DEMO_DIR)/predictions/*_overlay.png"; \

@@ -8,8 +8,9 @@ r"""Prepares a dataset, prints a summary of it, and optionally writes images to 
 
 The summary gives, per split, the number of images and instances, instances per image
 and per class, and image sizes. `--write_images=N` writes the first N images of
-`--split` as PNG (and their ground truth in colour to `ground_truth/<id>.png`), e.g. as
-inputs for `predict_main`.
+`--split` as PNG, e.g. as inputs for `predict_main`, and their ground truth, labelled
+with class names (enlarged to at least 256 pixels a side), to `ground_truth/<id>.png`:
+`predict_main --ground_truth_dir` puts it beside the predictions in its overview.
 """
 
 from __future__ import annotations
@@ -92,8 +93,11 @@ def main(argv):
         for example in load(FLAGS.split).take(FLAGS.write_images).as_numpy_iterator():
             stem = example["image_id"].decode()
             Image.fromarray(example["image"]).save(os.path.join(FLAGS.output_dir, f"{stem}.png"))
-            Image.fromarray(visualize.colorize_instances(example["instances"])).save(
-                os.path.join(truth_dir, f"{stem}.png"))
+            ids, masks = visualize.instance_masks(example["instances"])
+            truth = visualize.overlay_instances(
+                example["image"], masks, example["instance_classes"][ids - 1], class_names,
+                upscale=visualize.legible_upscale(*example["image"].shape[:2]))
+            Image.fromarray(truth).save(os.path.join(truth_dir, f"{stem}.png"))
         print(f"Wrote {FLAGS.write_images} images of {FLAGS.split!r} to {FLAGS.output_dir}")
 
 

@@ -12,7 +12,11 @@ directory; `--input` a file, a directory (every file in it) or a glob. For each 
 * `<stem>_overlay.png`: the image with the masks in distinct colours, labelled with
   class name and score (detections scoring at least `--overlay_min_score`);
 
-and the run gets one `predictions.json` in the COCO results format: a list of
+and the run gets `overview.png`, one tile per image for the first `--overview_images`
+images: the image, its ground truth when `--ground_truth_dir` holds a `<stem>.png`
+picture of it (as `dataset_main --write_images` draws them) and the prediction overlay,
+enlarged to at least 256 pixels a side so that labels stay readable;
+and one `predictions.json` in the COCO results format: a list of
 `{"image_id": <stem>, "category_id", "score", "segmentation": RLE}`, the RLE
 `{"size": [H, W], "counts": <string>}` compressed as pycocotools writes it (so
 `COCO.loadRes` reads the file as is). Images are decoded by the SavedModel itself
@@ -42,11 +46,16 @@ flags.DEFINE_float("min_score", 0.0, "Detections scoring below are left out of e
                    "output.")
 flags.DEFINE_float("overlay_min_score", 0.5, "Detections scoring below are not drawn on "
                    "the overlays.")
+flags.DEFINE_string("ground_truth_dir", None, "Directory of ground-truth pictures "
+                    "<stem>.png shown beside the predictions in overview.png.")
+flags.DEFINE_integer("overview_images", 16, "Images in overview.png (0: no overview).",
+                     lower_bound=0)
 flags.DEFINE_boolean("progress", True, "Show a progress bar.")
 for _name in ("saved_model", "input", "output"):
     flags.mark_flag_as_required(_name)
 
 PREDICTIONS_FILENAME = "predictions.json"
+OVERVIEW_FILENAME = "overview.png"
 
 
 def find_inputs(pattern: str) -> list[str]:
@@ -179,7 +188,7 @@ def main(argv):
         raise app.UsageError(f"--saved_model={FLAGS.saved_model}: {e}") from None
     os.makedirs(FLAGS.output, exist_ok=True)
 
-    results, failures = [], []
+    results, failures, overview_tiles = [], [], []
     bar = tqdm.tqdm(list(zip(files, output_stems(files))), desc="predicting", unit="img",
                     disable=not FLAGS.progress)
     for file, stem in bar:
@@ -204,16 +213,21 @@ def main(argv):
         with open(os.path.join(FLAGS.output, f"{stem}_instances.png"), "wb") as f:
             f.write(instance_png)
         shown = detections["scores"] >= FLAGS.overlay_min_score
-        overlay = visualize.overlay_predictions(
-            image, detections["masks"][shown], detections["classes"][shown],
-            detections["scores"][shown], class_names)
+        drawn = (detections["masks"][shown], detections["classes"][shown], class_names,
+                 detections["scores"][shown])
+        overlay = visualize.overlay_instances(image, *drawn)
         with open(os.path.join(FLAGS.output, f"{stem}_overlay.png"), "wb") as f:
             f.write(tf.io.encode_png(overlay).numpy())
+        if len(overview_tiles) < FLAGS.overview_images:
+            overview_tiles.append(overview_tile(file, stem, image, drawn))
         results.extend(coco_results(stem, detections))
     bar.close()
 
     with open(os.path.join(FLAGS.output, PREDICTIONS_FILENAME), "w", encoding="utf-8") as f:
         json.dump(results, f)
+    if overview_tiles:
+        with open(os.path.join(FLAGS.output, OVERVIEW_FILENAME), "wb") as f:
+            f.write(tf.io.encode_png(visualize.overview(overview_tiles)).numpy())
     done = len(files) - len(failures)
     print(f"{done} of {len(files)} images done, {len(results)} detections; wrote "
           f"{os.path.join(FLAGS.output, PREDICTIONS_FILENAME)} using {path}")
@@ -221,6 +235,38 @@ def main(argv):
         print(f"{len(failures)} failed: {', '.join(file for file, _ in failures)}",
               file=sys.stderr)
     return 1 if failures else 0
+
+
+def overview_tile(file: str, stem: str, image: np.ndarray, drawn: tuple
+                  ) -> list[np.ndarray]:
+    """The overview's panels for one image: image, ground truth if found, prediction.
+
+    Args:
+      file: the image's path (named in the error if its ground truth is unreadable).
+      stem: its output stem, also the ground truth's file name `<stem>.png`.
+      image: `[H, W, 3]` uint8.
+      drawn: (masks, classes, class_names, scores) of the detections to draw.
+    """
+    from PIL import Image
+
+    from instance_embed import visualize
+
+    upscale = visualize.legible_upscale(*image.shape[:2])
+    enlarged = np.repeat(np.repeat(image, upscale, axis=0), upscale, axis=1)
+    panels = [visualize.captioned(enlarged, stem)]
+    if FLAGS.ground_truth_dir:
+        truth_file = os.path.join(FLAGS.ground_truth_dir, f"{stem}.png")
+        if os.path.exists(truth_file):
+            try:
+                with Image.open(truth_file) as truth:
+                    panels.append(visualize.captioned(
+                        np.asarray(truth.convert("RGB")), "ground truth"))
+            except OSError as e:
+                raise app.UsageError(f"--ground_truth_dir: {truth_file} (for {file}) "
+                                     f"cannot be read: {e}") from None
+    panels.append(visualize.captioned(
+        visualize.overlay_instances(image, *drawn, upscale=upscale), "prediction"))
+    return panels
 
 
 def _report_failure(bar, failures: list, file: str, reason: str) -> None:

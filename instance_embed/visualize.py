@@ -1,9 +1,10 @@
 """Pictures of what the model sees and predicts (NumPy + Pillow, host side).
 
-Used by the TensorBoard summaries (`summaries.py`) and by `predict_main` overlays:
+Used by the TensorBoard summaries (`summaries.py`), `dataset_main` and `predict_main`:
 instance maps in distinct colours, embeddings projected to RGB by a fixed random
-projection (the paper's Figure 3), seediness heatmaps (Figure 6) and prediction overlays
-with class names and scores.
+projection (the paper's Figure 3), seediness heatmaps (Figure 6), overlays of instances
+labelled with class names (and scores, for predictions) and the overview grid of
+image, ground truth and prediction.
 """
 
 from __future__ import annotations
@@ -73,25 +74,39 @@ def heatmap(values: np.ndarray) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
-def overlay_predictions(image: np.ndarray, masks: np.ndarray, classes: Sequence[int],
-                        scores: Sequence[float], class_names: Sequence[str],
-                        alpha: float = 0.5) -> np.ndarray:
-    """Draws masks in distinct colours with "class score" labels over an image.
+def legible_upscale(height: int, width: int, min_side: int = 256) -> int:
+    """The integer factor that brings an image's short side to at least `min_side`.
+
+    Labels are drawn at a fixed font size, so small images (the 128-pixel synthetic
+    scenes) are drawn enlarged for their labels to stay readable.
+    """
+    return max(1, -(-min_side // max(1, min(height, width))))
+
+
+def overlay_instances(image: np.ndarray, masks: np.ndarray, classes: Sequence[int],
+                      class_names: Sequence[str], scores: Sequence[float] | None = None,
+                      alpha: float = 0.5, upscale: int = 1) -> np.ndarray:
+    """Draws masks in distinct colours, labelled "class score" (or "class"), over an image.
 
     Args:
       image: `[H, W, 3]` uint8.
       masks: `[K, H, W]` bool, drawn from the last to the first so that the first
         (highest-scored) mask is on top.
       classes: `[K]` class ids (1..C); names are `class_names[c - 1]`.
-      scores: `[K]` scores in [0, 1].
       class_names: foreground class names.
+      scores: `[K]` scores in [0, 1], or None for ground truth (labels without scores).
       alpha: mask opacity.
+      upscale: the picture is drawn `upscale` times larger (nearest neighbour), with
+        labels at the usual font size.
 
     Returns:
-      `[H, W, 3]` uint8.
+      `[H * upscale, W * upscale, 3]` uint8.
     """
+    masks = np.asarray(masks, bool).reshape((-1,) + np.shape(image)[:2])
+    if upscale > 1:
+        image = np.repeat(np.repeat(image, upscale, axis=0), upscale, axis=1)
+        masks = np.repeat(np.repeat(masks, upscale, axis=1), upscale, axis=2)
     out = np.asarray(image, np.float32).copy()
-    masks = np.asarray(masks, bool)
     colors = palette(len(masks) + 1)[1:].astype(np.float32)
     for k in range(len(masks) - 1, -1, -1):
         out[masks[k]] = (1 - alpha) * out[masks[k]] + alpha * colors[k]
@@ -102,10 +117,63 @@ def overlay_predictions(image: np.ndarray, masks: np.ndarray, classes: Sequence[
         if rows.size == 0:
             continue
         cls = int(classes[k])
-        name = class_names[cls - 1] if 0 < cls <= len(class_names) else str(cls)
-        text = f"{name} {float(scores[k]):.2f}"
+        text = class_names[cls - 1] if 0 < cls <= len(class_names) else str(cls)
+        if scores is not None:
+            text += f" {float(scores[k]):.2f}"
         x, y = int(cols.min()), int(rows.min())
         box = draw.textbbox((x, y), text)
         draw.rectangle(box, fill=tuple(int(c) for c in colors[k]))
         draw.text((x, y), text, fill=(0, 0, 0))
     return np.asarray(picture)
+
+
+def instance_masks(instance_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`[H, W]` ids (0 background, negative ignored) -> (ids `[K]`, masks `[K, H, W]` bool)."""
+    ids = np.unique(instance_map)
+    ids = ids[ids > 0]
+    return ids, instance_map[None] == ids[:, None, None]
+
+
+CAPTION_HEIGHT = 14
+_GAP = 4
+
+
+def captioned(panel: np.ndarray, caption: str) -> np.ndarray:
+    """`[H, W, 3]` uint8 -> `[CAPTION_HEIGHT + H, W, 3]`: the caption on white above it."""
+    strip = Image.new("RGB", (panel.shape[1], CAPTION_HEIGHT), (255, 255, 255))
+    ImageDraw.Draw(strip).text((2, 1), caption, fill=(0, 0, 0))
+    return np.concatenate([np.asarray(strip), panel], axis=0)
+
+
+def overview(tiles: Sequence[Sequence[np.ndarray]], columns: int = 2) -> np.ndarray:
+    """Lays out tiles (each a row of `[H, W, 3]` uint8 panels) in a grid on white.
+
+    Args:
+      tiles: one tile per image, each a sequence of panels put side by side (e.g. the
+        image, its ground truth and the prediction); panels may differ in size.
+      columns: tiles per row of the grid.
+
+    Returns:
+      `[height, width, 3]` uint8.
+    """
+    if not tiles:
+        raise ValueError("overview needs at least one tile")
+    joined = []
+    for panels in tiles:
+        height = max(p.shape[0] for p in panels)
+        width = sum(p.shape[1] for p in panels) + _GAP * (len(panels) - 1)
+        tile = np.full((height, width, 3), 255, np.uint8)
+        x = 0
+        for p in panels:
+            tile[:p.shape[0], x:x + p.shape[1]] = p
+            x += p.shape[1] + _GAP
+        joined.append(tile)
+    columns = max(1, min(columns, len(joined)))
+    cell_h = max(t.shape[0] for t in joined) + 2 * _GAP
+    cell_w = max(t.shape[1] for t in joined) + 2 * _GAP
+    rows = -(-len(joined) // columns)
+    grid = np.full((rows * cell_h, columns * cell_w, 3), 255, np.uint8)
+    for i, tile in enumerate(joined):
+        y, x = (i // columns) * cell_h + _GAP, (i % columns) * cell_w + _GAP
+        grid[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
+    return grid

@@ -33,9 +33,8 @@ SPLITS = ("train", "validation", "test")
 _PLACEMENT_PROBS = (0.35, 0.35, 0.30)
 _FREE, _TOUCH, _OCCLUDE = 0, 1, 2
 _RANDOM_COLOUR, _COPIED_COLOUR, _CAMOUFLAGE = 0, 1, 2
-# A shape left with fewer visible pixels than this fraction of its in-image area (or
-# than `_MIN_PIXELS_AT_128` scaled to the image area) is removed from the scene.
-_MIN_VISIBLE_FRACTION = 0.1
+# A shape left with fewer visible pixels than `Geometry.min_visible_fraction` of its
+# in-image area (or than `_MIN_PIXELS_AT_128` scaled to the image area) is removed.
 _MIN_PIXELS_AT_128 = 20
 _MAX_ATTEMPTS = 20
 
@@ -66,14 +65,46 @@ class Style:
     noise: tuple[float, float] = (3.0, 12.0)
 
 
-# Hard enough that colour never settles class or instance, easy enough that the light
-# backbone learns it from scratch on a CPU in minutes (the demo): camouflaged instances
-# stay visible, textures are milder.
+# Hard enough that colour never settles class or instance, easy enough for a CPU to
+# learn in minutes: camouflaged instances stay visible, textures are milder.
 DEFAULT_STYLE = Style(colour_probs=(0.7, 0.2, 0.1), camouflage_contrast=(40.0, 70.0),
                       background_texture=(4.0, 15.0), instance_texture=15.0,
                       instance_tint=8.0, noise=(2.0, 8.0))
 # Camouflage down to the texture's level, strong textures: a stress test.
 HARD_STYLE = Style()
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """The shapes' sizes, as fractions of the image size (uniform draws in (low, high)),
+    and how much of a shape occlusion may hide.
+
+    Attributes:
+        disk_radius: a disk's long semi-axis.
+        ring_radius: a ring's outer long semi-axis.
+        ring_thickness: a ring's wall, as a fraction of its outer semi-axis.
+        bar_half_length: half a bar's length.
+        bar_half_width: half a bar's width.
+        min_visible_fraction: a shape with less of its in-image area visible is
+            removed from the scene.
+    """
+
+    disk_radius: tuple[float, float] = (0.06, 0.15)
+    ring_radius: tuple[float, float] = (0.09, 0.2)
+    ring_thickness: tuple[float, float] = (0.25, 0.45)
+    bar_half_length: tuple[float, float] = (0.15, 0.3)
+    bar_half_width: tuple[float, float] = (0.015, 0.025)
+    min_visible_fraction: float = 0.1
+
+
+# Thin bars (4-6 px wide at 128 px), ring walls of a few pixels, shapes seen only in
+# slivers (e.g. through a ring's hole): hard at stride 4.
+DEFAULT_GEOMETRY = Geometry()
+# Large, distinct shapes: bars 13-20 px and ring walls at least 6 px wide at 128 px
+# (3-5 cells at stride 4), each at least half visible (the `demo` config).
+BOLD_GEOMETRY = Geometry(disk_radius=(0.11, 0.19), ring_radius=(0.14, 0.22),
+                         ring_thickness=(0.4, 0.55), bar_half_length=(0.17, 0.3),
+                         bar_half_width=(0.05, 0.08), min_visible_fraction=0.5)
 
 
 @dataclasses.dataclass(eq=False)
@@ -88,6 +119,7 @@ class SyntheticShapesConfig(tfds.core.BuilderConfig):
         max_instances: most shapes drawn in one image (at least 1 is always kept).
         seed: base seed; the same seed always gives the same dataset.
         style: appearance (see `Style`).
+        geometry: the shapes' sizes (see `Geometry`).
     """
 
     image_size: int = 128
@@ -97,6 +129,7 @@ class SyntheticShapesConfig(tfds.core.BuilderConfig):
     max_instances: int = 10
     seed: int = 0
     style: Style = DEFAULT_STYLE
+    geometry: Geometry = DEFAULT_GEOMETRY
 
     def __post_init__(self):
         if self.image_size < 32:
@@ -129,7 +162,8 @@ class Shape:
         return out
 
 
-def shape_footprint(rng: np.random.Generator, class_id: int, size: int) -> np.ndarray:
+def shape_footprint(rng: np.random.Generator, class_id: int, size: int,
+                    geometry: Geometry = DEFAULT_GEOMETRY) -> np.ndarray:
     """Draws a shape of class `class_id` centred in a local patch.
 
     Returns:
@@ -137,17 +171,17 @@ def shape_footprint(rng: np.random.Generator, class_id: int, size: int) -> np.nd
     """
     theta = rng.uniform(0.0, math.pi)
     if class_id == DISK:
-        a = rng.uniform(0.06, 0.15) * size
+        a = rng.uniform(*geometry.disk_radius) * size
         b = a * rng.uniform(0.6, 1.0)
         extent = a
     elif class_id == RING:
-        a = rng.uniform(0.09, 0.2) * size
+        a = rng.uniform(*geometry.ring_radius) * size
         b = a * rng.uniform(0.7, 1.0)
-        thickness = max(2.0, a * rng.uniform(0.25, 0.45))
+        thickness = max(2.0, a * rng.uniform(*geometry.ring_thickness))
         extent = a
     else:
-        half_length = rng.uniform(0.15, 0.3) * size
-        half_width = max(1.0, rng.uniform(0.015, 0.025) * size)
+        half_length = rng.uniform(*geometry.bar_half_length) * size
+        half_width = max(1.0, rng.uniform(*geometry.bar_half_width) * size)
         extent = math.hypot(half_length, half_width)
     radius = int(math.ceil(extent)) + 1
     yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1].astype(np.float64)
@@ -214,8 +248,8 @@ def _visible_labels(shapes: list[Shape], size: int) -> np.ndarray:
     return labels
 
 
-def sample_scene(rng: np.random.Generator, size: int, max_instances: int = 10
-                 ) -> list[Shape]:
+def sample_scene(rng: np.random.Generator, size: int, max_instances: int = 10,
+                 geometry: Geometry = DEFAULT_GEOMETRY) -> list[Shape]:
     """Draws the shapes of one image, back to front.
 
     Shapes that end up (almost) fully hidden or outside the image are removed, so
@@ -225,6 +259,7 @@ def sample_scene(rng: np.random.Generator, size: int, max_instances: int = 10
         rng: the example's generator.
         size: image height and width.
         max_instances: most shapes drawn.
+        geometry: the shapes' sizes.
 
     Returns:
         Shapes in painting order (later ones cover earlier ones).
@@ -235,7 +270,7 @@ def sample_scene(rng: np.random.Generator, size: int, max_instances: int = 10
         shapes: list[Shape] = []
         for _ in range(num):
             class_id = int(rng.integers(1, len(CLASS_NAMES) + 1))
-            patch = shape_footprint(rng, class_id, size)
+            patch = shape_footprint(rng, class_id, size, geometry)
             placement = int(rng.choice(3, p=_PLACEMENT_PROBS)) if shapes else _FREE
             anchor = int(rng.integers(len(shapes))) if shapes else -1
             centre = None
@@ -257,7 +292,7 @@ def sample_scene(rng: np.random.Generator, size: int, max_instances: int = 10
         counts = np.bincount(_visible_labels(shapes, size).ravel(),
                              minlength=len(shapes) + 1)[1:]
         kept = [s for s, count in zip(shapes, counts)
-                if count >= max(min_pixels, _MIN_VISIBLE_FRACTION * len(s.ys))]
+                if count >= max(min_pixels, geometry.min_visible_fraction * len(s.ys))]
         if kept:
             return kept
     raise RuntimeError("Could not draw a scene with a visible shape; "
@@ -362,7 +397,7 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
 def generate_example(config: SyntheticShapesConfig, split: str, index: int) -> dict:
     """Example `index` of `split` under `config`, as a contract feature dict."""
     rng = example_rng(config.seed, split, index)
-    shapes = sample_scene(rng, config.image_size, config.max_instances)
+    shapes = sample_scene(rng, config.image_size, config.max_instances, config.geometry)
     image, instances, classes = render_scene(rng, shapes, config.image_size, config.style)
     return features_lib.make_example(image, instances, classes,
                                      f"{split}_{index:06d}")
@@ -378,8 +413,14 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
     CLASS_NAMES = CLASS_NAMES
     BUILDER_CONFIGS = [
         SyntheticShapesConfig(
-            name="default", description="128x128, 2000/200/200: CPU training and demo.",
+            name="default", description="128x128, 2000/200/200, up to 10 shapes, thin bars, "
+            "shapes seen in slivers: the CPU benchmark (experiments/shapes_default.flags).",
             image_size=128, num_train=2000, num_validation=200, num_test=200),
+        SyntheticShapesConfig(
+            name="demo", description="128x128, 2000/200/200, 1-6 large, distinct shapes "
+            "at least half visible (still touching and occluding): `make demo`.",
+            image_size=128, num_train=2000, num_validation=200, num_test=200,
+            max_instances=6, geometry=BOLD_GEOMETRY),
         SyntheticShapesConfig(
             name="large", description="512x512, 1000/100/100: benchmarks and GPU runs.",
             image_size=512, num_train=1000, num_validation=100, num_test=100),

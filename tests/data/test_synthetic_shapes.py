@@ -17,11 +17,11 @@ CONFIG = ss.SyntheticShapesConfig(name="unit_128", image_size=128, num_train=250
 CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
 
 
-def _scenes(style):
+def _scenes(style, max_instances=CONFIG.max_instances, geometry=ss.DEFAULT_GEOMETRY):
     out = []
     for index in range(CONFIG.num_train):
         rng = ss.example_rng(CONFIG.seed, "train", index)
-        shapes = ss.sample_scene(rng, CONFIG.image_size, CONFIG.max_instances)
+        shapes = ss.sample_scene(rng, CONFIG.image_size, max_instances, geometry)
         out.append((shapes, *ss.render_scene(rng, shapes, CONFIG.image_size, style)))
     return out
 
@@ -36,6 +36,13 @@ def scenes():
 def hard_scenes():
     """The same scenes in the 'hard' style."""
     return _scenes(ss.HARD_STYLE)
+
+
+@pytest.fixture(scope="module")
+def demo_scenes():
+    """The scenes of the `demo` config's settings (at most 6 large shapes)."""
+    demo = next(c for c in ss.SyntheticShapes.BUILDER_CONFIGS if c.name == "demo")
+    return _scenes(demo.style, demo.max_instances, demo.geometry)
 
 
 def _adjacent_ids(instances):
@@ -127,6 +134,34 @@ def test_occlusion_disconnected_and_touching_instances_are_common(scenes):
     assert disconnected / n > 0.3
     assert touching / n > 0.4
     assert adjacent / n > 0.6
+
+
+def test_demo_shapes_are_large_half_visible_and_still_touch_and_occlude(demo_scenes):
+    occluded = touching = 0
+    widths = {ss.DISK: [], ss.RING: [], ss.BAR: []}
+    counts = []
+    for shapes, _, instances, classes in demo_scenes:
+        counts.append(len(classes))
+        visible = np.bincount(instances.ravel(), minlength=len(shapes) + 1)[1:]
+        full = np.array([len(s.ys) for s in shapes])
+        assert np.all(visible >= 0.5 * full)
+        occluded += bool(np.any(visible < full))
+        masks = [s.mask(128) for s in shapes]
+        touching += any(
+            not np.any(a & b) and np.any(scipy.ndimage.binary_dilation(a, CROSS) & b)
+            for a, b in itertools.combinations(masks, 2))
+        for shape in shapes:
+            if min(shape.ys.min(), shape.xs.min()) > 0 and max(
+                    shape.ys.max(), shape.xs.max()) < 127:
+                # A uniform band of width w has variance w^2 / 12 across it.
+                narrow = np.linalg.eigvalsh(np.cov(np.stack([shape.ys, shape.xs])))[0]
+                widths[shape.class_id].append(np.sqrt(12 * narrow))
+    assert set(counts) == {1, 2, 3, 4, 5, 6}
+    n = len(demo_scenes)
+    assert occluded / n > 0.25 and touching / n > 0.3
+    assert np.min(widths[ss.BAR]) > 11.0  # 3 heads cells at stride 4
+    assert np.min(widths[ss.DISK]) > 12.0  # sqrt(3) x the short semi-axis
+    assert all(len(w) > 50 for w in widths.values())
 
 
 @pytest.mark.parametrize("style, low_contrast", [("default", 75), ("hard", 40)])

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from instance_embed import data as datasets
 from instance_embed import serving
 from instance_embed import training
 
@@ -72,6 +73,22 @@ def test_dataset_main_summarizes_and_writes_images(trained_run, tmp_path, run_pr
     assert "train: 8 images" in out.stdout and "validation: 2 images" in out.stdout
     assert sorted(os.listdir(tmp_path)) == ["ground_truth", "img4.png", "img9.png"]
     assert sorted(os.listdir(tmp_path / "ground_truth")) == ["img4.png", "img9.png"]
+    # The ground truth is the image enlarged to 256 (64 px -> 4x) with the instances
+    # blended in: untouched background, changed instance pixels.
+    example = next(datasets.load("instance_folder", "validation", data_dir, manual)
+                   .as_numpy_iterator())
+    stem = example["image_id"].decode()
+    with Image.open(tmp_path / "ground_truth" / f"{stem}.png") as picture:
+        truth = np.asarray(picture.convert("RGB"))
+    enlarge = lambda a: np.repeat(np.repeat(a, 4, axis=0), 4, axis=1)
+    image, instances = enlarge(example["image"]), enlarge(example["instances"])
+    assert truth.shape == image.shape == (256, 256, 3)
+    background = instances == 0
+    for instance_id in np.unique(instances[instances > 0]):
+        rows, cols = np.nonzero(instances == instance_id)
+        background[rows.min():rows.min() + 16, cols.min():] = False  # its label
+    np.testing.assert_array_equal(truth[background], image[background])
+    assert (truth[instances > 0] != image[instances > 0]).any(axis=-1).mean() > 0.9
 
 
 @pytest.mark.parametrize("flag, message", [

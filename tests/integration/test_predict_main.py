@@ -22,6 +22,7 @@ from pycocotools.coco import COCO
 
 from instance_embed import predict_main
 from instance_embed import serving
+from instance_embed import visualize
 
 NUM_SEEDS = 8
 CLASS_NAMES = ("disk", "ring", "bar")
@@ -62,12 +63,21 @@ def inputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(export_dir, inputs, tmp_path_factory):
+def ground_truth_dir(tmp_path_factory):
+    """A ground-truth picture for street.png only (any picture: it is shown as it is)."""
+    folder = tmp_path_factory.mktemp("ground_truth")
+    (folder / "street.png").write_bytes(encode(random_image(70, 90, seed=4), "PNG"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(export_dir, inputs, ground_truth_dir, tmp_path_factory):
     folder, _ = inputs
     output = tmp_path_factory.mktemp("predictions")
     process = subprocess.run(
         [sys.executable, "-m", "instance_embed.predict_main", f"--saved_model={export_dir}",
-         f"--input={folder}", f"--output={output}", "--overlay_min_score=0"],
+         f"--input={folder}", f"--output={output}", "--overlay_min_score=0",
+         f"--ground_truth_dir={ground_truth_dir}"],
         capture_output=True, text=True, timeout=300,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     return process, output
@@ -98,7 +108,8 @@ def test_instance_pngs_match_the_saved_model(run, model_outputs, inputs):
     _, good = inputs
     written = sorted(os.listdir(output))
     expected = sorted([f"{stem}_{kind}.png" for stem in model_outputs
-                       for kind in ("instances", "overlay")] + ["predictions.json"])
+                       for kind in ("instances", "overlay")]
+                      + ["overview.png", "predictions.json"])
     assert written == expected
     for stem, outputs in model_outputs.items():
         with Image.open(output / f"{stem}_instances.png") as picture:
@@ -131,6 +142,57 @@ def test_overlays_show_masks_over_the_image(run, model_outputs, inputs):
                 continue
             untouched[rows.min():rows.min() + 16, cols.min():cols.min() + 160] = False
         np.testing.assert_array_equal(overlay[untouched], image[untouched])
+
+
+def find_panel(picture, panel):
+    """[(y, x)] where `panel` appears, pixel for pixel, in `picture`."""
+    h, w = panel.shape[:2]
+    candidates = zip(*np.nonzero((picture[:picture.shape[0] - h + 1, :picture.shape[1] - w + 1]
+                                  == panel[0, 0]).all(axis=-1)))
+    return [(y, x) for y, x in candidates if (picture[y:y + h, x:x + w] == panel).all()]
+
+
+def test_overview_shows_each_image_with_its_ground_truth_and_prediction(
+        run, model_outputs, inputs, ground_truth_dir):
+    _, output = run
+    _, good = inputs
+    with Image.open(output / "overview.png") as picture:
+        overview = np.asarray(picture.convert("RGB"))
+    with Image.open(ground_truth_dir / "street.png") as picture:
+        truth = np.asarray(picture)
+    for name, data in good.items():
+        stem = os.path.splitext(name)[0]
+        image = tf.io.decode_image(data, channels=3).numpy()
+        scale = visualize.legible_upscale(*image.shape[:2])
+        enlarged = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+        found = find_panel(overview, enlarged)
+        assert len(found) == 1, (stem, found)  # one tile per image
+        (y, x), = found
+        detections = predict_main.filter_detections(model_outputs[stem], 0.0)
+        prediction = visualize.overlay_instances(
+            image, detections["masks"], detections["classes"], CLASS_NAMES,
+            detections["scores"], upscale=scale)
+        # Left to right: the image, its ground truth if there is one, the prediction.
+        right = find_panel(overview[y:y + max(enlarged.shape[0], truth.shape[0])], prediction)
+        assert len(right) == 1 and right[0][1] > x + enlarged.shape[1]
+        beside = find_panel(overview[y:y + truth.shape[0], x:right[0][1]], truth)
+        assert len(beside) == (1 if stem == "street" else 0), stem
+
+
+def test_unreadable_ground_truth_picture_is_a_usage_error_naming_it(
+        export_dir, inputs, tmp_path):
+    folder, _ = inputs
+    truth_dir = tmp_path / "truth"
+    truth_dir.mkdir()
+    (truth_dir / "field.png").write_text("not a picture")
+    process = subprocess.run(
+        [sys.executable, "-m", "instance_embed.predict_main", f"--saved_model={export_dir}",
+         f"--input={folder / 'field.jpg'}", f"--output={tmp_path / 'out'}",
+         f"--ground_truth_dir={truth_dir}"],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert process.returncode != 0
+    assert f"{truth_dir / 'field.png'}" in process.stderr and "field.jpg" in process.stderr
 
 
 def test_predictions_json_is_coco_results_of_the_model(run, model_outputs, inputs):
