@@ -301,8 +301,10 @@ def train(config: configs.ExperimentConfig, model_dir: str,
         metrics = _evaluate(run.model, config, eval_writer, step, write_dir)
     train_writer.flush()
     eval_writer.flush()
-    logging.info("Training finished at step %d in %s.", step,
-                 _format_duration(time.perf_counter() - run_start))
+    logging.info("Training finished at step %d in %s, computing in %s.", step,
+                 _format_duration(time.perf_counter() - run_start),
+                 {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(
+                     config.model.mixed_precision, "float32"))
     return {"step": step, "losses": last, "metrics": metrics}
 
 

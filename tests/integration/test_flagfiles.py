@@ -30,7 +30,10 @@ def test_flagfile_trains_on_its_dataset_config(flagfile, builder_config, backbon
     assert config["dataset"]["builder_config"] == builder_config
     assert config["model"]["backbone"] == backbone
     assert config["train"]["train_steps"] == 3
-    assert "step 3/3" in out.stderr + out.stdout
+    log = out.stderr + out.stdout
+    assert "step 3/3" in log
+    # The run says what it trained: steps and precision (the demo's honesty).
+    assert "Training finished at step 3 in" in log and "computing in float32" in log
     expected = "demo" if builder_config else "default"
     assert (data_dir / "synthetic_shapes" / expected).is_dir()
     if flagfile == "shapes_demo.flags":
