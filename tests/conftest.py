@@ -10,6 +10,7 @@ import io
 import math
 import os
 import pathlib
+import re
 import struct
 import subprocess
 import sys
@@ -105,25 +106,46 @@ def tiny_config():
 
 
 def _run_together(commands, timeout=600):
-    """Runs each command (an argv list) in its own process, all at once; their stdouts.
+    """Runs each command (an argv list) in its own process, all at once; their
+    `subprocess.CompletedProcess`es (stdout and stderr as text).
 
     Each process must exit with status 0 (its stderr's end is the failure message).
     """
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env=env, cwd=REPO_ROOT) for command in commands]
-    outputs = []
-    for process in processes:
+    completed = []
+    for command, process in zip(commands, processes):
         out, err = process.communicate(timeout=timeout)
         assert process.returncode == 0, err[-3000:]
-        outputs.append(out)
-    return outputs
+        completed.append(subprocess.CompletedProcess(command, process.returncode, out, err))
+    return completed
 
 
 @pytest.fixture(scope="session")
 def run_together():
-    """`run_together([argv, ...], timeout=600) -> [stdout, ...]` (see `_run_together`)."""
+    """`run_together([argv, ...], timeout=600) -> [CompletedProcess, ...]` (see
+    `_run_together`)."""
     return _run_together
+
+
+# TensorFlow's C++ log lines at ERROR level ("E1207 00:41:28.123 ..." or "E0000 00:00:...").
+_ERROR_LOG_LINE = re.compile(r"^E\d{4} \d\d:\d\d:\d\d")
+# The one ERROR line that is the machine's, not the program's: the CUDA build of the
+# PyPI wheel probing for a GPU driver on a machine that has none.
+_GPU_PROBE = "failed call to cuInit"
+
+
+def _error_log_lines(stderr: str) -> list[str]:
+    """The ERROR-level log lines of a program's stderr, but for TF's GPU probe."""
+    return [line for line in stderr.splitlines()
+            if _ERROR_LOG_LINE.match(line) and _GPU_PROBE not in line]
+
+
+@pytest.fixture(scope="session")
+def error_log_lines():
+    """`error_log_lines(stderr) -> [line, ...]` (see `_error_log_lines`)."""
+    return _error_log_lines
 
 
 @pytest.fixture(scope="session")

@@ -131,18 +131,21 @@ def select_seeds_from_geometry(pixels: tuple[tf.Tensor, tf.Tensor], seediness: t
     else:
         allowed = tf.reshape(valid_pixels, tf.shape(norms))
     # One image at a time: 2-D matmuls are several times faster on CPU than batched
-    # ones (BatchMatMul), and serving batches are small. A batch of one (the usual
-    # serving request) skips map_fn, whose loop and TensorList copies cost about as much
-    # as a pass.
-    def one_image(image):
-        return greedy_seeds(*image, num_seeds=num_seeds, alpha=alpha, pass_sizes=pass_sizes)
+    # ones (BatchMatMul), and serving batches are small. The loop over images writes
+    # into a [B, K] tensor rather than map_fn's TensorList, whose copies cost about as
+    # much as a pass. (A tf.cond that skipped the loop for a batch of one, with map_fn
+    # in its other branch, made grappler's dependency optimizer fail to sort the graph
+    # and log an error each time the graph was optimised.)
+    batch = tf.shape(points)[0]
 
-    images = (points, norms, pixel_seediness, allowed)
-    return tf.cond(
-        tf.shape(points)[0] == 1,
-        lambda: one_image([x[0] for x in images])[tf.newaxis],
-        lambda: tf.map_fn(one_image, images,
-                          fn_output_signature=tf.TensorSpec([num_seeds], tf.int32)))
+    def one_image(i, seeds):
+        image_seeds = greedy_seeds(points[i], norms[i], pixel_seediness[i], allowed[i],
+                                   num_seeds=num_seeds, alpha=alpha, pass_sizes=pass_sizes)
+        return i + 1, tf.tensor_scatter_nd_update(seeds, [[i]], image_seeds[tf.newaxis])
+
+    _, seeds = tf.while_loop(lambda i, _: i < batch, one_image,
+                             (tf.constant(0), tf.zeros(tf.stack([batch, num_seeds]), tf.int32)))
+    return seeds
 
 
 def greedy_seeds(points: tf.Tensor, norms: tf.Tensor, seediness: tf.Tensor,

@@ -203,5 +203,9 @@ def full_resolution_masks(low_res_masks: tf.Tensor, keep: tf.Tensor, size, draw=
         (tf.constant(num_seeds - 1), masks))
     _, masks, instance_map = tf.while_loop(
         lambda k, *_: k >= 0, step, (num_resized - 1, masks, instance_map))
-    masks = masks.stack()  # [K, B, H, W]
-    return tf.transpose(masks, [1, 0, 2, 3]), instance_map
+    # [K, B, H, W] -> [B, K, H, W] as a gather of rows k * B + b: oneDNN's Transpose
+    # logs an ERROR line for boolean and 8-bit tensors (TF 2.21), and XLA does not
+    # compile TensorArray scatters, which could have written each image's masks in place.
+    stacked = tf.reshape(masks.stack(), tf.concat([[-1], tf.shape(instance_map)[1:]], 0))
+    order = tf.range(num_seeds)[tf.newaxis] * shape[0] + tf.range(shape[0])[:, tf.newaxis]
+    return tf.gather(stacked, order), instance_map

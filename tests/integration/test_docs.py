@@ -92,7 +92,7 @@ def defined_flags(run_together):
               "importlib.import_module('instance_embed.' + sys.argv[1])\n"
               "print('FLAGS' + json.dumps(sorted(flags.FLAGS)))\n")
     outputs = run_together([[sys.executable, "-c", script, program] for program in PROGRAMS])
-    return {program: set(json.loads(out.split("FLAGS")[-1]))
+    return {program: set(json.loads(out.stdout.split("FLAGS")[-1]))
             for program, out in zip(PROGRAMS, outputs)}
 
 

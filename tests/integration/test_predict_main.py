@@ -103,6 +103,15 @@ def test_bad_files_are_reported_and_exit_status_is_nonzero(run):
     assert "3 of 5 images done" in process.stdout
 
 
+def test_a_run_logs_no_errors_but_for_the_bad_files(run, error_log_lines):
+    # The serving path's counterpart of test_mains' check for eval_main (where grappler
+    # failed to sort the seed selection's graph and oneDNN logged its fallback for a
+    # boolean transpose, ERROR lines a user reads as failures).
+    process, _ = run
+    assert [line for line in error_log_lines(process.stderr)
+            if "notes.png" not in line and "empty.jpg" not in line] == []
+
+
 def test_instance_pngs_match_the_saved_model(run, model_outputs, inputs):
     _, output = run
     _, good = inputs

@@ -232,7 +232,7 @@ def _first_step_losses(strategies, data_dir, manual, root, tiny_config, run_toge
     outputs = run_together(commands, timeout=300)
     losses_by_strategy = {}
     for strategy, out in zip(strategies, outputs):
-        line = [l for l in out.splitlines() if l.startswith("RESULT")][-1]
+        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1]
         losses_by_strategy[strategy] = json.loads(line[len("RESULT"):])
     return losses_by_strategy
 
