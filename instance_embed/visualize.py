@@ -74,13 +74,16 @@ def heatmap(values: np.ndarray) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
-def legible_upscale(height: int, width: int, min_side: int = 256) -> int:
-    """The integer factor that brings an image's short side to at least `min_side`.
+def legible_upscale(height: int, width: int, min_side: int = 256, max_side: int = 1024
+                    ) -> int:
+    """The integer factor that brings an image's short side to at least `min_side`,
+    without taking its long side past `max_side` (a 1 x 500 strip stays a strip).
 
     Labels are drawn at a fixed font size, so small images (the 128-pixel synthetic
     scenes) are drawn enlarged for their labels to stay readable.
     """
-    return max(1, -(-min_side // max(1, min(height, width))))
+    wanted = -(-min_side // max(1, min(height, width)))
+    return max(1, min(wanted, max_side // max(1, height, width)))
 
 
 def overlay_instances(image: np.ndarray, masks: np.ndarray, classes: Sequence[int],

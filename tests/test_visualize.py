@@ -13,13 +13,19 @@ def noise_image(height, width, seed=0):
 
 
 @pytest.mark.parametrize("height, width, expected", [
-    (128, 128, 2), (100, 300, 3), (300, 400, 1), (256, 1000, 1), (37, 45, 7), (1, 5, 256),
+    (128, 128, 2), (100, 300, 3), (300, 400, 1), (256, 1000, 1), (37, 45, 7), (1, 5, 204),
 ])
 def test_legible_upscale_brings_the_short_side_to_256(height, width, expected):
     factor = visualize.legible_upscale(height, width)
     assert factor == expected
-    assert min(height, width) * factor >= 256
+    assert min(height, width) * factor >= 256 or max(height, width) * (factor + 1) > 1024
     assert factor == 1 or min(height, width) * (factor - 1) < 256
+
+
+@pytest.mark.parametrize("height, width, expected", [(1, 500, 2), (3, 2000, 1), (600, 2, 1)])
+def test_legible_upscale_keeps_the_long_side_within_1024(height, width, expected):
+    # An extreme strip (a 1 x 500 image) would otherwise become 256 x 128000 pixels.
+    assert visualize.legible_upscale(height, width) == expected
 
 
 def test_instance_masks_split_an_instance_map_and_skip_ignore():

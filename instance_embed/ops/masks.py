@@ -162,3 +162,27 @@ def descending_order(keys: tf.Tensor) -> tf.Tensor:
     rank = tf.reduce_sum(tf.cast(ahead, tf.int32), axis=2)  # [B, K]: where item i goes
     placed = rank[:, None, :] == slots[None, :, None]  # [B, rank r, item i]
     return tf.reduce_sum(tf.where(placed, slots[None, None, :], 0), axis=2)
+
+
+def mask_boxes(masks: tf.Tensor) -> tf.Tensor:
+    """The tightest box around each mask, in pixel edges: float32 `[..., 4]` from bool
+    `[..., H, W]`.
+
+    A box is (ymin, xmin, ymax, xmax) with ymin the first row holding a mask pixel and
+    ymax one past the last (likewise for columns), so a one-pixel mask at (y, x) has the
+    box (y, x, y + 1, x + 1) and dividing by (H, W, H, W) gives the normalised boxes of
+    the TF Object Detection API. An empty mask's box is all zeros.
+    """
+    def first_and_end(present: tf.Tensor):  # bool [..., n] -> int32 [...] twice
+        size = tf.shape(present)[-1]
+        first = tf.argmax(tf.cast(present, tf.int32), axis=-1, output_type=tf.int32)
+        last = size - 1 - tf.argmax(tf.cast(tf.reverse(present, [-1]), tf.int32), axis=-1,
+                                    output_type=tf.int32)
+        return first, last + 1
+
+    rows = tf.reduce_any(masks, axis=-1)  # [..., H]
+    columns = tf.reduce_any(masks, axis=-2)  # [..., W]
+    ymin, ymax = first_and_end(rows)
+    xmin, xmax = first_and_end(columns)
+    boxes = tf.cast(tf.stack([ymin, xmin, ymax, xmax], axis=-1), tf.float32)
+    return tf.where(tf.reduce_any(rows, axis=-1)[..., tf.newaxis], boxes, 0.0)

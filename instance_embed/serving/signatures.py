@@ -12,13 +12,18 @@ Signatures (K = `num_seeds`, fixed at export time; B images per request):
 | --- | --- | --- |
 | `num_detections` | int32 `[B]` | valid detections, sorted first |
 | `detection_masks` | uint8 `[B, K, H, W]` | 0/1 masks at the input resolution |
+| `detection_boxes` | float32 `[B, K, 4]` | each mask's box, normalised (below); 0 if invalid |
 | `detection_classes` | int32 `[B, K]` | class ids 1..C, 0 for invalid slots |
 | `detection_scores` | float32 `[B, K]` | descending, 0 for invalid slots |
 | `instance_map` | int32 `[B, H, W]` | k: the k-th mask is the best on the pixel; 0: none |
 | `instance_map_png_bytes` | string `[B]` | each image's `instance_map` as a 16-bit PNG |
 | `image_size` | int32 `[B, 2]` | (height, width) of each input image |
 
-`serving_compact` returns only `num_detections`, `detection_classes`,
+Boxes are (ymin, xmin, ymax, xmax) as in the TF Object Detection API: the edges of the
+mask's first and one past its last row and column, divided by the image's own height and
+width (so 0..1 whatever the padding of a batch).
+
+`serving_compact` returns only `num_detections`, `detection_boxes`, `detection_classes`,
 `detection_scores`, `instance_map_png_bytes` and `image_size`: TF Serving's REST API
 cannot filter outputs (gRPC can, with `output_filter`), and dense masks in JSON are
 about K x H x W numbers per image. Masks are uint8 rather than bool because JSON then
@@ -40,6 +45,7 @@ from typing import Callable, Sequence
 import keras
 import tensorflow as tf
 
+from instance_embed import ops
 from instance_embed.inference import InferenceConfig
 from instance_embed.inference import network_function
 from instance_embed.inference import predict_images
@@ -52,10 +58,11 @@ from instance_embed.serving.images import decode_images
 SERVING_DEFAULT = "serving_default"
 SERVING_IMAGES = "serving_images"
 SERVING_COMPACT = "serving_compact"
-DENSE_OUTPUTS = ("num_detections", "detection_masks", "detection_classes",
-                 "detection_scores", "instance_map", "instance_map_png_bytes", "image_size")
-COMPACT_OUTPUTS = ("num_detections", "detection_classes", "detection_scores",
-                   "instance_map_png_bytes", "image_size")
+DENSE_OUTPUTS = ("num_detections", "detection_masks", "detection_boxes",
+                 "detection_classes", "detection_scores", "instance_map",
+                 "instance_map_png_bytes", "image_size")
+COMPACT_OUTPUTS = ("num_detections", "detection_boxes", "detection_classes",
+                   "detection_scores", "instance_map_png_bytes", "image_size")
 # Instance ids 1..K must fit the 16-bit PNG of `instance_map_png_bytes`.
 MAX_NUM_SEEDS = 65535
 _DETECTION_KEYS = ("num_detections", "detection_masks", "detection_classes",
@@ -98,6 +105,8 @@ def batch_detections(model: keras.Model | Callable, images: tf.Tensor, sizes: tf
 def _detect_together(model, images, taus, config):
     outputs = predict_images(model, images, taus, config)
     outputs = {key: outputs[key] for key in _DETECTION_KEYS}
+    size = tf.cast(tf.shape(images)[1:3], tf.float32)
+    outputs["detection_boxes"] = ops.mask_boxes(outputs["detection_masks"]) / tf.tile(size, [2])
     outputs["detection_masks"] = tf.cast(outputs["detection_masks"], tf.uint8)
     return outputs
 
@@ -108,6 +117,7 @@ def _detect_one_by_one(model, images, sizes, taus, config):
     arrays = {key: tf.TensorArray(dtype, size=batch, element_shape=shape) for key, dtype, shape
               in (("num_detections", tf.int32, []),
                   ("detection_masks", tf.uint8, [config.num_seeds, None, None]),
+                  ("detection_boxes", tf.float32, [config.num_seeds, 4]),
                   ("detection_classes", tf.int32, [config.num_seeds]),
                   ("detection_scores", tf.float32, [config.num_seeds]),
                   ("instance_map", tf.int32, [None, None]))}

@@ -24,6 +24,7 @@ import tensorflow as tf
 from PIL import Image
 
 from instance_embed import inference
+from instance_embed import ops
 from instance_embed import serving
 from instance_embed.serving import export
 from instance_embed.serving import images as image_decoding
@@ -257,6 +258,47 @@ def test_mixed_sizes_pad_to_largest_and_match_single_images(loaded, images, imag
         png = np.asarray(Image.open(io.BytesIO(together["instance_map_png_bytes"][i])))
         assert png.shape == (height, width)
         np.testing.assert_array_equal(png, alone["instance_map"])
+
+
+def numpy_boxes(masks, height, width):
+    """Normalised (ymin, xmin, ymax, xmax) of each [H, W] mask, pixel edges; 0 if empty."""
+    boxes = np.zeros((len(masks), 4), np.float32)
+    for k, mask in enumerate(masks):
+        ys, xs = np.nonzero(mask)
+        if len(ys):
+            boxes[k] = [ys.min() / height, xs.min() / width,
+                        (ys.max() + 1) / height, (xs.max() + 1) / width]
+    return boxes
+
+
+def test_boxes_enclose_the_masks_in_every_signature(loaded, images, image_files):
+    files = [image_files.encode(images["a"], "PNG"), image_files.encode(images["b"], "PNG")]
+    dense = {k: v.numpy() for k, v in
+             loaded.signatures["serving_default"](image_bytes=tf.constant(files)).items()}
+    compact = loaded.signatures["serving_compact"](image_bytes=tf.constant(files))
+    pixels = loaded.signatures["serving_images"](images=tf.constant(images["a"][None]))
+    nonempty = 0
+    for i, (height, width) in enumerate([(37, 45), (20, 60)]):
+        masks = dense["detection_masks"][i][:, :height, :width]
+        expected = numpy_boxes(masks, height, width)
+        nonempty += np.count_nonzero(expected.any(axis=1))
+        # By the image's own size, not the batch's padded 37 x 60.
+        np.testing.assert_allclose(dense["detection_boxes"][i], expected, rtol=1e-6)
+        np.testing.assert_allclose(compact["detection_boxes"][i], expected, rtol=1e-6)
+        # Invalid slots have empty masks and zero boxes.
+        assert not expected[dense["num_detections"][i]:].any()
+    assert nonempty >= 3
+    np.testing.assert_allclose(pixels["detection_boxes"][0], dense["detection_boxes"][0],
+                               rtol=1e-6)
+
+
+def test_mask_boxes_by_hand():
+    masks = np.zeros((1, 3, 4, 5), bool)
+    masks[0, 0, 2, 3] = True  # one pixel
+    masks[0, 1, 1:4, 0:2] = True  # a block touching the left and bottom edges
+    masks[0, 1, 0, 4] = True  # and a pixel in the top-right corner
+    boxes = ops.mask_boxes(tf.constant(masks)).numpy()
+    np.testing.assert_array_equal(boxes[0], [[2, 3, 3, 4], [0, 0, 4, 5], [0, 0, 0, 0]])
 
 
 def test_jpeg_grayscale_and_rgba_inputs_become_rgb(loaded, images, image_files):
