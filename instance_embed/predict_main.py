@@ -18,9 +18,9 @@ picture of it (as `dataset_main --write_images` draws them) and the prediction o
 enlarged to at least 256 pixels a side so that labels stay readable;
 and one `predictions.json` in the COCO results format: a list of
 `{"image_id": <stem>, "category_id", "score", "segmentation": RLE}`, the RLE
-`{"size": [H, W], "counts": <string>}` compressed as pycocotools writes it (so
-`COCO.loadRes` reads the file as is). Images are decoded by the SavedModel itself
-(JPEG or PNG); a file that cannot be read or that the model rejects is reported with
+compressed by pycocotools (`Instances.to_coco`; `COCO.loadRes` reads the file as is).
+Images run through `instance_embed.Segmenter`, the SavedModel decoding them (JPEG or
+PNG); a file that cannot be read or that the model rejects is reported with
 its name and the reason, the run goes on, and the exit status is 1 if any failed.
 """
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import sys
 from typing import Sequence
 
@@ -87,87 +86,6 @@ def output_stems(paths: Sequence[str]) -> list[str]:
     return unique
 
 
-def rle_counts(mask: np.ndarray) -> list[int]:
-    """Run lengths of a binary mask `[H, W]` in column-major order, starting with 0s.
-
-    COCO's uncompressed RLE: alternating runs of 0s and 1s over the mask read column
-    by column; the first run counts 0s and is 0 when the first pixel is 1.
-    """
-    flat = np.asarray(mask, bool).ravel(order="F")
-    if flat.size == 0:
-        return []
-    starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate([[0], starts, [flat.size]])).tolist()
-    return [0] + runs if flat[0] else runs
-
-
-def compress_rle_counts(counts: Sequence[int]) -> str:
-    """COCO's compressed RLE string of run lengths (as pycocotools' `rleToString`).
-
-    Each count from the third on is stored as its difference to the count two before
-    (runs of the same value), then every number as little-endian groups of 5 bits,
-    one character each (`48 + group`, bit 0x20 set when more groups follow); a group
-    holds the sign in bit 0x10, so the last group of a number is the one after which
-    the remaining value is 0 (or -1 for a negative number).
-    """
-    chars = []
-    for i, count in enumerate(counts):
-        value = int(count) - (int(counts[i - 2]) if i > 2 else 0)
-        while True:
-            group = value & 0x1F
-            value >>= 5  # arithmetic shift: negative values tend to -1
-            more = value != (-1 if group & 0x10 else 0)
-            chars.append(chr(48 + (group | 0x20 if more else group)))
-            if not more:
-                break
-    return "".join(chars)
-
-
-def encode_rle(mask: np.ndarray) -> dict:
-    """COCO RLE `{"size": [H, W], "counts": str}` of a binary mask `[H, W]`."""
-    mask = np.asarray(mask)
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])],
-            "counts": compress_rle_counts(rle_counts(mask))}
-
-
-def model_error_message(error: Exception) -> str:
-    """The SavedModel's own message for a rejected image, without TF's decoration."""
-    text = getattr(error, "message", None) or str(error)
-    found = re.search(r"assertion failed: \[(.*)\]", text)
-    if found:
-        # "image_bytes[0] is empty (0 bytes)" -> "is empty (0 bytes)": one image per call.
-        return re.sub(r"^image_bytes\[\d+\] ", "", found.group(1))
-    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
-
-
-def filter_detections(outputs: dict, min_score: float) -> dict:
-    """One image's outputs (batch axis removed) keeping detections scoring >= min_score.
-
-    Detections are sorted by descending score with the valid ones first, so the kept
-    ones are a prefix; instance ids beyond it are cleared from the instance map (a
-    pixel's id is its highest-scored covering mask, so no kept mask lies under them).
-    """
-    count = int(outputs["num_detections"])
-    scores = np.asarray(outputs["detection_scores"])[:count]
-    kept = int(np.sum(scores >= min_score))
-    instance_map = np.asarray(outputs["instance_map"]).copy()
-    instance_map[instance_map > kept] = 0
-    return {
-        "masks": np.asarray(outputs["detection_masks"])[:kept].astype(bool),
-        "classes": np.asarray(outputs["detection_classes"])[:kept],
-        "scores": scores[:kept],
-        "instance_map": instance_map,
-    }
-
-
-def coco_results(image_id: str, detections: dict) -> list[dict]:
-    """COCO results entries of one image's (filtered) detections."""
-    return [{"image_id": image_id, "category_id": int(c), "score": float(s),
-             "segmentation": encode_rle(m)}
-            for m, c, s in zip(detections["masks"], detections["classes"],
-                               detections["scores"])]
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -178,12 +96,11 @@ def main(argv):
     import tensorflow as tf
     import tqdm
 
-    from instance_embed import serving
     from instance_embed import visualize
+    from instance_embed.segmenter import Segmenter
 
     try:
-        predict, path = serving.load_signature(FLAGS.saved_model, serving.SERVING_DEFAULT)
-        class_names = serving.load_class_names(path)
+        segmenter = Segmenter.from_saved_model(FLAGS.saved_model)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise app.UsageError(f"--saved_model={FLAGS.saved_model}: {e}") from None
     os.makedirs(FLAGS.output, exist_ok=True)
@@ -193,34 +110,23 @@ def main(argv):
                     disable=not FLAGS.progress)
     for file, stem in bar:
         try:
-            with open(file, "rb") as f:
-                data = f.read()
+            instances = segmenter(file).above(FLAGS.min_score)
         except OSError as e:
             _report_failure(bar, failures, file, f"cannot be read: {e.strerror or e}")
             continue
-        try:
-            outputs = predict(tf.constant([data]))
-        except tf.errors.InvalidArgumentError as e:
+        except ValueError as e:
             _report_failure(bar, failures, file,
-                            f"rejected by the model: {model_error_message(e)}")
+                            f"rejected by the model: {str(e).removeprefix('image: ')}")
             continue
-        one = {key: value[0].numpy() for key, value in outputs.items()}
-        detections = filter_detections(one, FLAGS.min_score)
-        image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
-
-        instance_png = tf.io.encode_png(
-            detections["instance_map"][..., None].astype(np.uint16)).numpy()
+        instance_png = tf.io.encode_png(instances.label_image()[..., None].astype(np.uint16))
         with open(os.path.join(FLAGS.output, f"{stem}_instances.png"), "wb") as f:
-            f.write(instance_png)
-        shown = detections["scores"] >= FLAGS.overlay_min_score
-        drawn = (detections["masks"][shown], detections["classes"][shown], class_names,
-                 detections["scores"][shown])
-        overlay = visualize.overlay_instances(image, *drawn)
+            f.write(instance_png.numpy())
+        overlay = instances.overlay(FLAGS.overlay_min_score)
         with open(os.path.join(FLAGS.output, f"{stem}_overlay.png"), "wb") as f:
             f.write(tf.io.encode_png(overlay).numpy())
         if len(overview_tiles) < FLAGS.overview_images:
-            overview_tiles.append(overview_tile(file, stem, image, drawn))
-        results.extend(coco_results(stem, detections))
+            overview_tiles.append(overview_tile(file, stem, instances))
+        results.extend(instances.to_coco(stem))
     bar.close()
 
     with open(os.path.join(FLAGS.output, PREDICTIONS_FILENAME), "w", encoding="utf-8") as f:
@@ -230,29 +136,27 @@ def main(argv):
             f.write(tf.io.encode_png(visualize.overview(overview_tiles)).numpy())
     done = len(files) - len(failures)
     print(f"{done} of {len(files)} images done, {len(results)} detections; wrote "
-          f"{os.path.join(FLAGS.output, PREDICTIONS_FILENAME)} using {path}")
+          f"{os.path.join(FLAGS.output, PREDICTIONS_FILENAME)} using {segmenter.source}")
     if failures:
         print(f"{len(failures)} failed: {', '.join(file for file, _ in failures)}",
               file=sys.stderr)
     return 1 if failures else 0
 
 
-def overview_tile(file: str, stem: str, image: np.ndarray, drawn: tuple
-                  ) -> list[np.ndarray]:
+def overview_tile(file: str, stem: str, instances) -> list[np.ndarray]:
     """The overview's panels for one image: image, ground truth if found, prediction.
 
     Args:
       file: the image's path (named in the error if its ground truth is unreadable).
       stem: its output stem, also the ground truth's file name `<stem>.png`.
-      image: `[H, W, 3]` uint8.
-      drawn: (masks, classes, class_names, scores) of the detections to draw.
+      instances: its `Instances`; those scoring `--overlay_min_score` are drawn.
     """
     from PIL import Image
 
     from instance_embed import visualize
 
-    upscale = visualize.legible_upscale(*image.shape[:2])
-    enlarged = np.repeat(np.repeat(image, upscale, axis=0), upscale, axis=1)
+    upscale = visualize.legible_upscale(*instances.image.shape[:2])
+    enlarged = np.repeat(np.repeat(instances.image, upscale, axis=0), upscale, axis=1)
     panels = [visualize.captioned(enlarged, stem)]
     if FLAGS.ground_truth_dir:
         truth_file = os.path.join(FLAGS.ground_truth_dir, f"{stem}.png")
@@ -265,7 +169,7 @@ def overview_tile(file: str, stem: str, image: np.ndarray, drawn: tuple
                 raise app.UsageError(f"--ground_truth_dir: {truth_file} (for {file}) "
                                      f"cannot be read: {e}") from None
     panels.append(visualize.captioned(
-        visualize.overlay_instances(image, *drawn, upscale=upscale), "prediction"))
+        instances.overlay(FLAGS.overlay_min_score, upscale=upscale), "prediction"))
     return panels
 
 

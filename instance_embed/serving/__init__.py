@@ -3,6 +3,7 @@
 - `images`: encoded images checked and decoded, with errors that name the image;
 - `signatures`: `serving_default`, `serving_images`, `serving_compact`;
 - `export`: `export_from_model_dir` / `export_saved_model`, atomic numbered versions;
+  `class_names_of` a run;
 - `client`: `load_signature`, `load_class_names`, `rest_request_body`.
 """
 
@@ -14,7 +15,12 @@ from instance_embed.serving.client import (
     resolve_saved_model_dir,
     rest_request_body,
 )
-from instance_embed.serving.export import ExportConfig, export_from_model_dir, export_saved_model
+from instance_embed.serving.export import (
+    ExportConfig,
+    class_names_of,
+    export_from_model_dir,
+    export_saved_model,
+)
 from instance_embed.serving.images import BYTES_INPUT, IMAGES_INPUT
 from instance_embed.serving.signatures import (
     COMPACT_OUTPUTS,
@@ -34,6 +40,7 @@ __all__ = [
     "SERVING_COMPACT",
     "SERVING_DEFAULT",
     "SERVING_IMAGES",
+    "class_names_of",
     "export_from_model_dir",
     "export_saved_model",
     "load_class_names",

@@ -111,7 +111,7 @@ def export_saved_model(model: keras.Model, experiment_config: ExperimentConfig,
     if inference_config.num_seeds > MAX_NUM_SEEDS:
         raise ValueError(f"num_seeds={inference_config.num_seeds}: at most {MAX_NUM_SEEDS} "
                          "can be exported (instance ids are stored as uint16)")
-    names = _class_names(experiment_config, export_config)
+    names = class_names_of(experiment_config, export_config.class_names)
 
     os.makedirs(export_dir, exist_ok=True)
     version = export_config.version or next_version(export_dir)
@@ -182,11 +182,16 @@ def _umask() -> int:
     return mask
 
 
-def _class_names(experiment_config: ExperimentConfig,
-                 export_config: ExportConfig) -> list[str]:
+def class_names_of(experiment_config: ExperimentConfig,
+                   class_names: Sequence[str] | None = None) -> list[str]:
+    """The model's foreground class names: `class_names`, or its dataset's.
+
+    Raises:
+      ValueError: their number is not the model's `num_classes`.
+    """
     num_classes = experiment_config.model.num_classes
-    if export_config.class_names is not None:
-        names = list(export_config.class_names)
+    if class_names is not None:
+        names = list(class_names)
     else:
         from instance_embed import data as datasets
 
@@ -194,7 +199,7 @@ def _class_names(experiment_config: ExperimentConfig,
                                      experiment_config.dataset.builder_config)
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names {names} for a model with "
-                         f"num_classes={num_classes}: give ExportConfig.class_names")
+                         f"num_classes={num_classes}: give the class names")
     return names
 
 

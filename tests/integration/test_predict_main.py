@@ -177,10 +177,11 @@ def test_overview_shows_each_image_with_its_ground_truth_and_prediction(
         found = find_panel(overview, enlarged)
         assert len(found) == 1, (stem, found)  # one tile per image
         (y, x), = found
-        detections = predict_main.filter_detections(model_outputs[stem], 0.0)
+        outputs, count = model_outputs[stem], int(model_outputs[stem]["num_detections"])
         prediction = visualize.overlay_instances(
-            image, detections["masks"], detections["classes"], CLASS_NAMES,
-            detections["scores"], upscale=scale)
+            image, outputs["detection_masks"][:count] == 1,
+            outputs["detection_classes"][:count], CLASS_NAMES,
+            outputs["detection_scores"][:count], upscale=scale)
         # Left to right: the image, its ground truth if there is one, the prediction.
         right = find_panel(overview[y:y + max(enlarged.shape[0], truth.shape[0])], prediction)
         assert len(right) == 1 and right[0][1] > x + enlarged.shape[1]
@@ -256,56 +257,6 @@ def test_missing_saved_model_is_a_usage_error(tmp_path, inputs):
         predict_main.FLAGS.unparse_flags()
 
 
-# ----------------------------------------------------------------------------------
-# COCO RLE, against pycocotools.
-
-
-def _masks():
-    rng = np.random.default_rng(0)
-    masks = [rng.random((h, w)) < p for h, w, p in
-             [(5, 7, 0.5), (1, 1, 1.0), (1, 1, 0.0), (13, 4, 0.9), (40, 33, 0.02),
-              (64, 64, 0.5)]]
-    masks.append(np.zeros((9, 11), bool))
-    masks.append(np.ones((9, 11), bool))
-    blob = np.zeros((300, 260), bool)
-    blob[20:280, 30:200] = True  # long runs: counts over 2^5 and 2^10
-    masks.append(blob)
-    striped = np.zeros((6, 5), bool)
-    striped[:, 0] = True  # the first pixel is set: the first run (of 0s) is empty
-    masks.append(striped)
-    return masks
-
-
-@pytest.mark.parametrize("index", range(len(_masks())))
-def test_rle_matches_pycocotools(index):
-    mask = _masks()[index]
-    rle = predict_main.encode_rle(mask)
-    assert rle["size"] == list(mask.shape)
-    reference = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    assert rle["counts"] == reference["counts"].decode("ascii")
-    np.testing.assert_array_equal(mask_utils.decode(rle), mask)
-    # The uncompressed counts are valid COCO RLE on their own.
-    counts = predict_main.rle_counts(mask)
-    assert sum(counts) == mask.size
-    uncompressed = mask_utils.frPyObjects({"size": list(mask.shape), "counts": counts},
-                                          *mask.shape)
-    np.testing.assert_array_equal(mask_utils.decode(uncompressed), mask)
-
-
-def test_rle_counts_by_hand():
-    # Column-major: [[0, 1], [1, 1]] reads 0, 1, 1, 1.
-    assert predict_main.rle_counts(np.array([[0, 1], [1, 1]])) == [1, 3]
-    assert predict_main.rle_counts(np.array([[1, 0], [1, 0]])) == [0, 2, 2]
-    # 3 -> "3"; 40 = 8 + 32: groups 8 (more) then 1 -> chr(48+8+32) + chr(49).
-    assert predict_main.compress_rle_counts([3]) == "3"
-    assert predict_main.compress_rle_counts([40]) == "X1"
-    # From the fourth count on, the difference to the count two before: 4 - 9 = -5,
-    # one group 27 (sign bit 0x10 set, and -5 >> 5 == -1 ends it) -> chr(48 + 27).
-    assert predict_main.compress_rle_counts([1, 9, 2, 4]) == "192K"
-    # 16 needs a second group: its sign bit would otherwise read as negative.
-    assert predict_main.compress_rle_counts([16]) == "`0"
-
-
 def test_output_stems_and_inputs(tmp_path):
     assert predict_main.output_stems(["a/x.png", "b/y.jpg"]) == ["x", "y"]
     assert predict_main.output_stems(["a.png", "a.jpg", "b.png"]) == ["a_png", "a_jpg", "b"]
@@ -318,27 +269,3 @@ def test_output_stems_and_inputs(tmp_path):
     assert predict_main.find_inputs(str(tmp_path / "*.png")) == [str(tmp_path / "1.png")]
     assert predict_main.find_inputs(str(tmp_path / "2.jpg")) == [str(tmp_path / "2.jpg")]
     assert predict_main.find_inputs(str(tmp_path / "none*")) == []
-
-
-def test_filter_detections_keeps_a_prefix_and_clears_the_map():
-    outputs = {
-        "num_detections": np.int32(3),
-        "detection_scores": np.array([0.9, 0.6, 0.2, 0.0], np.float32),
-        "detection_classes": np.array([1, 2, 1, 0], np.int32),
-        "detection_masks": np.ones((4, 2, 3), np.uint8),
-        "instance_map": np.array([[1, 2, 3], [0, 3, 2]], np.int32),
-    }
-    kept = predict_main.filter_detections(outputs, min_score=0.5)
-    np.testing.assert_array_equal(kept["scores"], np.float32([0.9, 0.6]))
-    np.testing.assert_array_equal(kept["classes"], [1, 2])
-    assert kept["masks"].shape == (2, 2, 3) and kept["masks"].dtype == bool
-    np.testing.assert_array_equal(kept["instance_map"], [[1, 2, 0], [0, 0, 2]])
-    np.testing.assert_array_equal(outputs["instance_map"], [[1, 2, 3], [0, 3, 2]])
-
-
-def test_model_error_message_drops_tf_decoration():
-    error = tf.errors.InvalidArgumentError(
-        None, None, "Graph execution error:\n\nDetected at node Assert/Assert\n"
-        "assertion failed: [image_bytes[0] is empty (0 bytes)]\n\t [[{{node Assert}}]]")
-    assert predict_main.model_error_message(error) == "is empty (0 bytes)"
-    assert predict_main.model_error_message(ValueError("plain\nmore")) == "plain"
