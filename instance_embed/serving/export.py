@@ -11,14 +11,16 @@ complete, so a server polling `export_dir` never sees half a model. The signatur
 those of `signatures.py`; the inference settings (the run's, or an `InferenceConfig`
 given at export time) are fixed in the SavedModel.
 
-The class names go to `assets.extra/class_names.txt` (line c names class id c) and the
-settings to `assets.extra/export_info.json`; TF Serving ignores `assets.extra/`.
+The class names go to `assets.extra/class_names.txt` (line c names class id c), the
+settings to `assets.extra/export_info.json`, and one warm-up request per signature to
+`assets.extra/tf_serving_warmup_requests`, which TF Serving replays at load (`warmup.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import os
 import shutil
@@ -42,6 +44,7 @@ from instance_embed.serving.signatures import SERVING_COMPACT
 from instance_embed.serving.signatures import SERVING_DEFAULT
 from instance_embed.serving.signatures import SERVING_IMAGES
 from instance_embed.serving.signatures import ServingFunctions
+from instance_embed.serving.warmup import write_warmup_requests
 
 EXPORT_INFO_FILENAME = "export_info.json"
 
@@ -132,6 +135,9 @@ def export_saved_model(model: keras.Model, experiment_config: ExperimentConfig,
         archive.write_out(tmp_path, verbose=False)
         _write_assets_extra(tmp_path, names, experiment_config, export_config,
                             checkpoint_path)
+        # Warm-up at the training crops' size (within the pixel limit).
+        write_warmup_requests(tmp_path, min(experiment_config.input.image_size,
+                                            math.isqrt(export_config.max_image_pixels)))
         # mkdtemp made it private; a server running as another user must read it.
         os.chmod(tmp_path, 0o777 & ~_umask())
         if os.path.exists(final_path):

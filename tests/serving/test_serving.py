@@ -28,6 +28,7 @@ from instance_embed import ops
 from instance_embed import serving
 from instance_embed.serving import export
 from instance_embed.serving import images as image_decoding
+from instance_embed.serving import warmup as serving_warmup
 from instance_embed.training import checkpoints
 
 NUM_SEEDS = 10
@@ -290,6 +291,55 @@ def test_boxes_enclose_the_masks_in_every_signature(loaded, images, image_files)
     assert nonempty >= 3
     np.testing.assert_allclose(pixels["detection_boxes"][0], dense["detection_boxes"][0],
                                rtol=1e-6)
+
+
+def run_request(loaded, request):
+    """What TF Serving does with a PredictRequest: the signature on its tensors."""
+    signature = loaded.signatures[request.model_spec.signature_name]
+    inputs = {name: tf.constant(tf.make_ndarray(proto)) for name, proto in request.inputs.items()}
+    outputs = {key: value.numpy() for key, value in signature(**inputs).items()}
+    if request.output_filter:
+        outputs = {key: outputs[key] for key in request.output_filter}
+    return outputs
+
+
+def test_warmup_requests_cover_every_signature_and_run(exported, loaded):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = os.path.join(exported, "assets.extra", "tf_serving_warmup_requests")
+    logs = [prediction_log_pb2.PredictionLog.FromString(record.numpy())
+            for record in tf.data.TFRecordDataset(path)]
+    requests = {log.predict_log.request.model_spec.signature_name: log.predict_log.request
+                for log in logs}
+    assert len(logs) == 3 and set(requests) == {"serving_default", "serving_compact",
+                                                "serving_images"}
+    # The run's 512 x 512 training crops are over this export's pixel limit: the
+    # requests use the largest square within it.
+    size = 200
+    image = serving_warmup.warmup_image(size, size)
+    png = tf.make_ndarray(requests["serving_default"].inputs["image_bytes"])[0]
+    np.testing.assert_array_equal(tf.io.decode_png(png).numpy(), image)
+    np.testing.assert_array_equal(
+        tf.make_ndarray(requests["serving_images"].inputs["images"]), image[None])
+    outputs = {name: run_request(loaded, request) for name, request in requests.items()}
+    for name in ("serving_default", "serving_images"):
+        np.testing.assert_array_equal(outputs[name]["image_size"], [[size, size]])
+    assert_outputs_equal(outputs["serving_images"], {
+        **outputs["serving_default"],
+        "detection_masks": outputs["serving_default"]["detection_masks"] == 1})
+    np.testing.assert_array_equal(outputs["serving_compact"]["detection_scores"],
+                                  outputs["serving_default"]["detection_scores"])
+
+
+def test_grpc_request_runs_as_the_server_runs_it(loaded, reference, images, image_files):
+    request = serving.predict_request("serving_default", [image_files.encode(images["a"], "PNG")])
+    request.output_filter.extend(["num_detections", "detection_masks", "detection_classes",
+                                  "detection_scores", "instance_map"])
+    assert request.model_spec.name == "instance_embed"
+    outputs = run_request(loaded, request)
+    assert_outputs_equal(outputs, reference(images["a"][None]))
+    pixels = serving.predict_request("serving_images", images["b"][None])
+    np.testing.assert_array_equal(run_request(loaded, pixels)["image_size"], [[20, 60]])
 
 
 def test_mask_boxes_by_hand():
