@@ -4,7 +4,9 @@
       --runs=MobileNetV2=runs/pennfudan_mobilenet,light=runs/pennfudan \
       --output=experiments/figures/pennfudan_learning_curves.png
 
-Reads the `metrics/*` scalars that `train_main --eval_every` writes to `<run>/eval/`,
+Reads the `metrics/*` scalars that `train_main --eval_every` writes to `<run>/eval/`
+(or, for a run whose events are gone, a JSON file of the same rows, e.g.
+`experiments/figures/pennfudan_light_curve.json` transcribed from docs/results.md),
 places each evaluation at the minutes since the run's first training event (so the
 time of the evaluations themselves is included, as a user waiting for the run sees it),
 prints one markdown table per run and plots mAP^r@0.5 and @0.7 against minutes.
@@ -13,6 +15,7 @@ prints one markdown table per run and plots mAP^r@0.5 and @0.7 against minutes.
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 from absl import app
@@ -72,7 +75,11 @@ def main(argv):
         label, _, run_dir = pair.partition("=")
         if not run_dir:
             raise app.UsageError(f"--runs: {pair!r} is not label=run_dir")
-        curves[label] = learning_curve(run_dir)
+        if run_dir.endswith(".json"):
+            with open(run_dir, encoding="utf-8") as f:
+                curves[label] = json.load(f)["rows"]
+        else:
+            curves[label] = learning_curve(run_dir)
     for label, rows in curves.items():
         print(f"\n{label}\n\n| step | minutes | " + " | ".join(METRICS) + " |")
         print("|---" * (2 + len(METRICS)) + "|")

@@ -119,6 +119,9 @@ def main(argv):
         logging.error("%s", e)
         sys.exit(3)
     logging.info("Final losses: %s", result["losses"])
+    if "signal" in result:
+        # Stopped by a signal, checkpointed: the shell's status for it (143 for SIGTERM).
+        sys.exit(128 + int(result["signal"]))
 
 
 def run():

@@ -145,8 +145,8 @@ def _train_map_fn(config: InputConfig):
 
 def train_dataset(examples: tf.data.Dataset, config: InputConfig, batch_size: int,
                   seed: int | None = None, repeat: bool = True,
-                  input_context: tf.distribute.InputContext | None = None
-                  ) -> tf.data.Dataset:
+                  input_context: tf.distribute.InputContext | None = None,
+                  skip_batches: int = 0) -> tf.data.Dataset:
     """Augmented training batches of static shape (paper section 4.2).
 
     Deterministic when a seed is given: the shuffle order and
@@ -172,6 +172,10 @@ def train_dataset(examples: tf.data.Dataset, config: InputConfig, batch_size: in
       repeat: repeat the examples forever (one pass when False; the last incomplete
         batch is dropped either way).
       input_context: given by `distribute_datasets_from_function`.
+      skip_batches: start after this many batches of the stream, as a resumed run
+        continues the stream it was on. Examples are skipped before augmentation, each
+        one's augmentation depending only on its own seed, so skipping costs reading,
+        not augmenting.
 
     Returns:
       Dataset of dicts: `image` float32 [B,S,S,3], `instances` int32 [B,S,S],
@@ -203,6 +207,8 @@ def train_dataset(examples: tf.data.Dataset, config: InputConfig, batch_size: in
     # Pairs of random int64s, one stateless seed per example, from a seeded stream.
     seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
     dataset = tf.data.Dataset.zip(dataset, seeds)
+    if skip_batches:
+        dataset = dataset.skip(skip_batches * batch_size)
     dataset = dataset.map(_train_map_fn(config), num_parallel_calls=tf.data.AUTOTUNE,
                           deterministic=deterministic)
     dataset = dataset.batch(batch_size, drop_remainder=True)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 
 from absl import logging
@@ -121,7 +123,7 @@ def _build_run(config: configs.ExperimentConfig, strategy, write_dir: str) -> _R
 
 
 def _distributed_dataset(config: configs.ExperimentConfig, strategy, per_replica_batch: int,
-                         seed: int):
+                         seed: int, start_step: int):
     examples = datasets.load(
         config.dataset.name, config.dataset.train_split, data_dir=config.dataset.data_dir,
         manual_dir=config.dataset.manual_dir, config=config.dataset.builder_config)
@@ -131,7 +133,7 @@ def _distributed_dataset(config: configs.ExperimentConfig, strategy, per_replica
                                input_context.input_pipeline_id)
         return pipeline.train_dataset(
             shard, config.input, batch_size=per_replica_batch,
-            seed=seed + 7919 * input_context.input_pipeline_id)
+            seed=seed + 7919 * input_context.input_pipeline_id, skip_batches=start_step)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
 
@@ -195,6 +197,11 @@ def train(config: configs.ExperimentConfig, model_dir: str,
           strategy: tf.distribute.Strategy | None = None) -> dict:
     """Trains (or resumes) a run; returns the final losses and, if evaluated, metrics.
 
+    A SIGTERM or SIGINT received while training (not multi-worker) ends the current step,
+    writes a checkpoint at it and returns with the signal under "signal"; called again,
+    the run resumes there and continues the same data stream, so it ends with the
+    weights of an uninterrupted run (given op determinism).
+
     Args:
       config: the run's configuration.
       model_dir: run directory (created if missing; resumed if it holds checkpoints).
@@ -241,9 +248,10 @@ def train(config: configs.ExperimentConfig, model_dir: str,
     if start_step >= total_steps:
         logging.info("Already at step %d >= %d: nothing to train.", start_step, total_steps)
 
-    # A resumed run draws a fresh augmentation stream rather than replaying the first one.
-    iterator = iter(_distributed_dataset(config, strategy, per_replica_batch,
-                                         seed=tc.seed + 1000003 * start_step))
+    # A resumed run continues the stream where it stopped, so that an interrupted and
+    # resumed run trains on the batches, and ends with the weights, of a straight one.
+    iterator = iter(_distributed_dataset(config, strategy, per_replica_batch, seed=tc.seed,
+                                         start_step=start_step))
     train_step = _make_train_step(run, config, strategy, per_replica_batch)
     train_writer = tf.summary.create_file_writer(os.path.join(write_dir, "train"))
     eval_writer = tf.summary.create_file_writer(os.path.join(write_dir, "eval"))
@@ -257,43 +265,56 @@ def train(config: configs.ExperimentConfig, model_dir: str,
             total_steps, start_step + stop_after_steps)
 
     end_step = end_of_call()
-    while int(run.step.numpy()) < end_step:
-        values = train_step(iterator)
-        current = int(run.step.numpy())
-        if planner is not None and planner.active:
-            revision = planner.after_step(current, total_steps)
-            if revision is not None:
-                total_steps, message = revision
-                run.planned_steps.assign(total_steps)
-                run.step_scale.assign(tc.train_steps / total_steps)
-                end_step = end_of_call()
-                if message:
-                    logging.info("%s", message)
-        last = {k: float(v) for k, v in values.items()}
-        if not all(math.isfinite(v) for v in last.values()):
-            raise TrainingDivergedError(
-                f"Loss became non-finite at step {current} ({last}); stopping without "
-                f"saving. The last good checkpoint is {run.manager.latest_checkpoint}. "
-                "Try a lower --learning_rate or check the input data.")
-        window_steps += 1
-        if current % tc.log_every == 0 or current == total_steps:
-            elapsed = time.perf_counter() - window_start
-            _log_progress(run, tc, last, current, total_steps, window_steps, elapsed,
-                          train_writer)
-            window_start, window_steps = time.perf_counter(), 0
-        if chief and (current % tc.summary_every == 0 or current == total_steps):
-            if pictures is None:
-                pictures = summaries.TrainingPictures(run.model, config)
-            pictures.write_images(train_writer, current)
-            pictures.write_projector(os.path.join(write_dir, "projector"))
-        if current % tc.checkpoint_every == 0 or current == end_step:
-            run.manager.save(checkpoint_number=current)
-        if tc.eval_every and current % tc.eval_every == 0 and current < total_steps and chief:
-            metrics = _evaluate(run.model, config, eval_writer, current, write_dir)
+    # SIGTERM or SIGINT (a preempted VM, a scheduler, Ctrl-C) ends the step under way,
+    # then the run checkpoints and returns. Multi-worker runs are left to the cluster:
+    # one worker stopping alone would leave the others waiting in a collective.
+    stop = StopSignals() if tc.strategy != "multi_worker_mirrored" else StopSignals(())
+    with stop:
+        while int(run.step.numpy()) < end_step and stop.received is None:
+            values = train_step(iterator)
+            current = int(run.step.numpy())
+            if planner is not None and planner.active:
+                revision = planner.after_step(current, total_steps)
+                if revision is not None:
+                    total_steps, message = revision
+                    run.planned_steps.assign(total_steps)
+                    run.step_scale.assign(tc.train_steps / total_steps)
+                    end_step = end_of_call()
+                    if message:
+                        logging.info("%s", message)
+            last = {k: float(v) for k, v in values.items()}
+            if not all(math.isfinite(v) for v in last.values()):
+                raise TrainingDivergedError(
+                    f"Loss became non-finite at step {current} ({last}); stopping without "
+                    f"saving. The last good checkpoint is {run.manager.latest_checkpoint}. "
+                    "Try a lower --learning_rate or check the input data.")
+            window_steps += 1
+            if current % tc.log_every == 0 or current == total_steps:
+                elapsed = time.perf_counter() - window_start
+                _log_progress(run, tc, last, current, total_steps, window_steps, elapsed,
+                              train_writer)
+                window_start, window_steps = time.perf_counter(), 0
+            if chief and (current % tc.summary_every == 0 or current == total_steps):
+                if pictures is None:
+                    pictures = summaries.TrainingPictures(run.model, config)
+                pictures.write_images(train_writer, current)
+                pictures.write_projector(os.path.join(write_dir, "projector"))
+            if current % tc.checkpoint_every == 0 or current == end_step:
+                run.manager.save(checkpoint_number=current)
+            if (tc.eval_every and current % tc.eval_every == 0 and current < total_steps
+                    and chief):
+                metrics = _evaluate(run.model, config, eval_writer, current, write_dir)
 
     step = int(run.step.numpy())
     if run.manager.latest_checkpoint is None or step > _checkpoint_step(run.manager):
         run.manager.save(checkpoint_number=step)
+    if stop.received is not None:
+        train_writer.flush()
+        eval_writer.flush()
+        logging.warning("%s at step %d of %d: checkpoint %s written. Run the same command "
+                        "again to resume.", stop.received.name, step, total_steps,
+                        run.manager.latest_checkpoint)
+        return {"step": step, "losses": last, "metrics": metrics, "signal": stop.received}
     if step < total_steps:
         logging.info("Stopped at step %d of %d; run again to resume.", step, total_steps)
         return {"step": step, "losses": last, "metrics": metrics}
@@ -306,6 +327,39 @@ def train(config: configs.ExperimentConfig, model_dir: str,
                  {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(
                      config.model.mixed_precision, "float32"))
     return {"step": step, "losses": last, "metrics": metrics}
+
+
+class StopSignals:
+    """A context in which the first SIGTERM or SIGINT is noted instead of acted on.
+
+    `received` is the first signal (a `signal.Signals`), or None. A second signal acts as
+    it would have without this context (Ctrl-C twice interrupts at once). Handlers are
+    only installed from the main thread, where Python delivers signals.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signals = tuple(signals)
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        del frame
+        self.received = signal.Signals(signum)
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
 
 
 def _log_progress(run: _Run, tc: configs.TrainConfig, last: dict, current: int,

@@ -197,6 +197,15 @@ def test_cache_does_not_change_the_batches():
                          _take(pipeline.train_dataset(_dataset(examples), cached, 2, 4), 5))
 
 
+def test_skip_batches_continues_the_stream_across_epochs():
+    # 5 examples in batches of 2: the skipped batches end inside the second epoch.
+    examples = _random_examples(5, seed=5)
+    config = pipeline.InputConfig(image_size=64, shuffle_buffer=5)
+    build = lambda skip: pipeline.train_dataset(_dataset(examples), config, 2, seed=7,
+                                                skip_batches=skip)
+    _assert_same_batches(_take(build(3), 4), _take(build(0), 7)[3:])
+
+
 def test_epochs_are_reshuffled_and_reaugmented():
     examples = _random_examples(4, seed=3)
     config = pipeline.InputConfig(image_size=64, shuffle_buffer=4)
