@@ -256,7 +256,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
+# In the default suite (about 35 s on 2 cores): CI covers multi-worker training.
 def test_multi_worker_mirrored_two_local_workers(folder_dataset, tmp_path, tiny_config,
                                                  repo_root):
     data_dir, manual = folder_dataset
