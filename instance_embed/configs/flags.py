@@ -62,6 +62,7 @@ INFERENCE_FLAGS = (
     Flag("support_rescoring", "support_rescoring"),
     Flag("mask_upsampling", "mask_upsampling", choices=MASK_UPSAMPLING),
     Flag("bilateral_sigma", "bilateral_sigma"),
+    Flag("flip_tta", "flip_tta"),
     Flag("jit_compile", "jit_compile"),
 )
 

@@ -39,6 +39,11 @@ class InferenceConfig:
       bilateral_sigma: the colour distance (RGB in 0-255) of "joint_bilateral": a cell
         whose mean colour is this much farther from a pixel's colour than the closest
         cell's weighs exp(-1/2) as much.
+      flip_tta: test-time augmentation by a horizontal flip: the network also runs on
+        each image's mirror, and the class probabilities of both (the second flipped
+        back) are averaged before seeds are chosen and scored. Embeddings are the
+        image's own: they are not mirror-equivariant, and a mask needs one embedding
+        space. Twice the network's time.
       jit_compile: run everything after the network (`predict_instances`) as one XLA
         computation (`predictor.predict_from_outputs`): same results, faster on a CPU
         (docs/benchmarks.md), but compiled again for every new input size (seconds).
@@ -53,6 +58,7 @@ class InferenceConfig:
     support_rescoring: float = 0.0
     mask_upsampling: str = "bilinear"
     bilateral_sigma: float = 10.0
+    flip_tta: bool = False
     jit_compile: bool = False
 
     def __post_init__(self):
@@ -71,8 +77,9 @@ class InferenceConfig:
                 or self.bilateral_sigma <= 0):
             _config_error("bilateral_sigma", self.bilateral_sigma, "must be a finite number > 0")
         self.bilateral_sigma = float(self.bilateral_sigma)
-        if not isinstance(self.jit_compile, bool):
-            _config_error("jit_compile", self.jit_compile, "must be True or False")
+        for field in ("flip_tta", "jit_compile"):
+            if not isinstance(getattr(self, field), bool):
+                _config_error(field, getattr(self, field), "must be True or False")
         if self.nms_iou_threshold is not None and (
                 not checks.is_real(self.nms_iou_threshold) or not 0 <= self.nms_iou_threshold <= 1):
             _config_error("nms_iou_threshold", self.nms_iou_threshold,

@@ -116,11 +116,34 @@ def predict_images(model, images: tf.Tensor, taus: Sequence[float],
     image_size = tf.shape(images)[1:3]
     padded = pad_images(images)
     if isinstance(model, keras.Model):
-        outputs = model(padded, training=False)
+        network = lambda x: model(x, training=False)
     else:
-        outputs = model(padded)
+        network = model
+    if config.flip_tta:
+        batch = tf.shape(padded)[0]
+        both = network(tf.concat([padded, tf.reverse(padded, axis=[2])], axis=0))
+        outputs = {"embeddings": both["embeddings"][:batch],
+                   "class_logits": mirror_averaged_logits(both["class_logits"], batch)}
+    else:
+        outputs = network(padded)
     return predict_from_outputs(outputs, image_size, tf.shape(padded)[1:3], taus, config,
                                 padded)
+
+
+def mirror_averaged_logits(class_logits: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
+    """Flip test-time augmentation of the class maps (`InferenceConfig.flip_tta`).
+
+    Args:
+      class_logits: `[2B, h, w, T, C + 1]`, the images' then their mirrors'.
+      batch: B.
+
+    Returns:
+      float32 `[B, h, w, T, C + 1]` logits whose softmax is the mean of the image's
+      class probabilities and its mirror's flipped back.
+    """
+    probs = tf.nn.softmax(tf.cast(class_logits, tf.float32), axis=-1)
+    mean = (probs[:batch] + tf.reverse(probs[batch:], axis=[2])) / 2
+    return tf.math.log(tf.maximum(mean, 1e-30))
 
 
 def predict_from_outputs(network_outputs: Mapping[str, tf.Tensor], image_size: tf.Tensor,

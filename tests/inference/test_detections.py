@@ -39,6 +39,7 @@ def test_config_defaults_follow_the_paper():
     ("num_seeds", 0), ("num_seeds", 2.5), ("num_seeds", True),
     ("alpha", -0.1), ("alpha", float("inf")), ("alpha", "0.3"),
     ("score_threshold", -0.5), ("score_threshold", 2.0), ("jit_compile", "yes"),
+    ("flip_tta", 1),
     ("support_rescoring", -1.0), ("support_rescoring", float("nan")),
     ("nms_iou_threshold", 1.5), ("nms_iou_threshold", -0.1),
 ])
@@ -367,3 +368,46 @@ def test_full_resolution_masks_follow_the_stride_cells():
         assert iou > 0.97, (tau, iou)
         # Only the block's corner pixels may differ.
         assert (mask != block).sum() <= 4
+
+
+def test_flip_tta_averages_the_class_maps_of_the_image_and_its_mirror():
+    # A stand-in network: 8x8 average pooling, then fixed per-pixel maps. Its class
+    # logits depend on the column (not mirror-symmetric), so the mirror changes them.
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(4, 2 * 3)).astype(np.float32)
+
+    def heads(images):  # numpy [B, Hp, Wp, 3] -> (embeddings, logits [B, h, w, 2, 3])
+        b, hp, wp, _ = images.shape
+        pooled = images.reshape(b, hp // 8, 8, wp // 8, 8, 3).mean(axis=(2, 4)) / 255
+        column = np.broadcast_to(np.arange(wp // 8, dtype=np.float32)[None, None, :, None],
+                                 pooled.shape[:3] + (1,))
+        features = np.concatenate([pooled, column], axis=-1)
+        logits = (features @ weights).reshape(b, hp // 8, wp // 8, 2, 3)
+        return features[..., :2], logits
+
+    seen = []
+
+    def network(images):
+        seen.append(images.shape)
+        embeddings, logits = tf.numpy_function(heads, [images], [tf.float32, tf.float32])
+        return {"embeddings": embeddings, "class_logits": logits}
+
+    image = rng.integers(0, 256, (1, 40, 70, 3)).astype(np.float32)
+    config = inference.InferenceConfig(num_seeds=4, flip_tta=True)
+    outputs = inference.predict_images(network, tf.constant(image), (0.5, 0.75), config)
+    assert seen == [(2, 64, 96, 3)]  # the padded image and its mirror, in one batch
+    padded = np.pad(image, [[0, 0], [0, 24], [0, 26], [0, 0]])
+    embeddings, logits = heads(padded)
+    _, mirror_logits = heads(padded[:, :, ::-1])
+    softmax = lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.exp(
+        x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)
+    expected = (softmax(logits) + softmax(mirror_logits)[:, :, ::-1]) / 2
+    # The padding's heads pixels are masked (background) after averaging, as without TTA.
+    inside = np.zeros((8, 12), bool)
+    inside[:5, :9] = True
+    np.testing.assert_allclose(outputs["class_probs"].numpy()[0][inside], expected[0][inside],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outputs["embeddings"].numpy(), embeddings)
+    plain = inference.predict_images(network, tf.constant(image), (0.5, 0.75),
+                                     inference.InferenceConfig(num_seeds=4))
+    assert not np.allclose(plain["class_probs"].numpy(), outputs["class_probs"].numpy())
