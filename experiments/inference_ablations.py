@@ -19,7 +19,6 @@ Prints Markdown tables (and writes them to `--output` when given).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import time
 
@@ -43,49 +42,6 @@ def define_flags():
     flags.DEFINE_string("output", None, "Also write the tables to this Markdown file.")
 
 
-def network_outputs(network, examples) -> dict:
-    """{image hash: (network outputs, image size, padded size, padded image)} per example.
-
-    Args:
-      network: float32 `[1, Hp, Wp, 3]` padded images -> dict with `embeddings` and
-        `class_logits` (e.g. `inference.network_function(model)`).
-      examples: contract examples.
-    """
-    import tensorflow as tf
-
-    from instance_embed import inference
-
-    cache = {}
-    for example in examples:
-        image = example["image"][tf.newaxis]
-        padded = inference.pad_images(tf.cast(image, tf.float32))
-        cache[_key(image)] = (network(padded), tf.shape(image)[1:3], tf.shape(padded)[1:3],
-                              padded)
-    return cache
-
-
-def _key(image) -> str:
-    return hashlib.sha1(image.numpy().tobytes()).hexdigest()
-
-
-def evaluate_setting(cache, examples, class_names, taus, inference_config) -> dict:
-    """The evaluator's metrics for one inference setting, from stored network outputs."""
-    import tensorflow as tf
-
-    from instance_embed import evaluation
-    from instance_embed import inference
-
-    @tf.function(reduce_retracing=True)
-    def detect(outputs, image_size, padded_size, padded):
-        return inference.predict_from_outputs(outputs, image_size, padded_size, taus,
-                                              inference_config, padded)
-
-    def predict(images):
-        return detect(*cache[_key(images)])
-
-    return evaluation.evaluate(predict, examples, class_names, progress=False).result()
-
-
 def ablation_tables(cache, examples, class_names, taus, base, alphas, seed_counts, nms
                     ) -> tuple[dict, dict]:
     """Paper Tables 2 and 3, each with suppression at IoU `nms` and without.
@@ -96,8 +52,8 @@ def ablation_tables(cache, examples, class_names, taus, base, alphas, seed_count
       with AR@0.5 the recall of ground-truth instances at IoU 0.5 among all detections.
     """
     def run(**overrides):
-        result = evaluate_setting(cache, examples, class_names, taus,
-                                  dataclasses.replace(base, **overrides))
+        result = cache.evaluate(examples, class_names, taus,
+                                dataclasses.replace(base, **overrides)).result()
         return result["mAP_r@0.5"], result["AR@0.5@1000"]
 
     by_alpha = {}
@@ -120,6 +76,7 @@ def main(argv):
         raise app.UsageError("--model_dir is required")
 
     from instance_embed import data as datasets
+    from instance_embed import evaluation
     from instance_embed import inference
     from instance_embed.training import checkpoints
 
@@ -131,7 +88,8 @@ def main(argv):
                              config=data.builder_config)
     class_names = datasets.class_names(data.name, data.builder_config)
     start = time.perf_counter()
-    cache = network_outputs(inference.network_function(model), examples)
+    cache = evaluation.CachedNetwork(inference.network_function(model), examples,
+                                     config.inference.flip_tta)
     logging.info("Network outputs of %d images in %.1f s (checkpoint %s).", len(cache),
                  time.perf_counter() - start, path)
     nms = FLAGS.nms_iou_threshold or config.inference.nms_iou_threshold or 0.5

@@ -44,6 +44,11 @@ config_flags.define_flags(config_flags.INFERENCE_FLAGS, InferenceConfig, overrid
 flags.DEFINE_boolean("ignore_as_background", False,
                      "Count void (-1) pixels as background in IoU (FCIS-style).")
 flags.DEFINE_boolean("use_07_metric", False, "VOC07 11-point AP (as MNC/FCIS printed).")
+flags.DEFINE_boolean("tune", False, "With --model_dir: search alpha, suppression, support "
+                     "rescoring and the score threshold on this split for the best "
+                     "mAP^r@0.5 (network run once), print what was tried, save the best "
+                     "into the run's config.json (export_main then uses them) and "
+                     "evaluate with them. Tune on validation, report on test.")
 
 
 def main(argv):
@@ -51,6 +56,11 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if bool(FLAGS.model_dir) == bool(FLAGS.saved_model):
         raise app.UsageError("Give exactly one of --model_dir and --saved_model.")
+    if FLAGS.tune and not FLAGS.model_dir:
+        raise app.UsageError("--tune needs --model_dir (a SavedModel's settings are fixed).")
+    if FLAGS.tune and (FLAGS.use_07_metric or FLAGS.ignore_as_background):
+        raise app.UsageError("--tune scores with the default protocol: drop "
+                             "--use_07_metric and --ignore_as_background.")
 
     import tensorflow as tf
 
@@ -100,15 +110,47 @@ def main(argv):
         raise app.UsageError(f"Cannot read dataset {name!r} split {split!r}: {e}") from None
     class_names = datasets.class_names(name, builder_config)
 
-    evaluator = evaluation.InstanceEvaluator(
-        len(class_names), class_names=class_names, use_07_metric=FLAGS.use_07_metric,
-        ignore_as_background=FLAGS.ignore_as_background)
-    evaluation.evaluate(lambda images: segmenter.detect(tf.cast(images, tf.uint8)), examples,
-                        class_names, max_examples=FLAGS.max_examples, evaluator=evaluator)
     output_dir = FLAGS.output_dir or os.path.join(source, f"eval_{split}")
+    if FLAGS.max_examples:
+        examples = examples.take(FLAGS.max_examples)
+    if FLAGS.tune:
+        evaluator = tune(config, inference_config, examples, class_names, split, output_dir)
+    else:
+        evaluator = evaluation.InstanceEvaluator(
+            len(class_names), class_names=class_names, use_07_metric=FLAGS.use_07_metric,
+            ignore_as_background=FLAGS.ignore_as_background)
+        evaluation.evaluate(lambda images: segmenter.detect(tf.cast(images, tf.uint8)),
+                            examples, class_names, evaluator=evaluator)
     evaluation.write_outputs(evaluator, output_dir)  # Also logs the table.
     print(f"Wrote {os.path.join(output_dir, evaluation.METRICS_FILENAME)} and "
           f"{os.path.join(output_dir, 'plots')}/")
+
+
+def tune(config, inference_config, examples, class_names, split: str, output_dir: str):
+    """`--tune`: the search, its table (printed and in `output_dir/tuning.md`), the best
+    settings saved into the run; returns the evaluator of the best settings."""
+    import dataclasses
+
+    from instance_embed import evaluation
+    from instance_embed import inference
+    from instance_embed.training import checkpoints
+
+    model, _, path = checkpoints.restore_model(FLAGS.model_dir)
+    cached = evaluation.CachedNetwork(inference.network_function(model), examples,
+                                      inference_config.flip_tta)
+    logging.info("Network outputs of %d images of %r stored (%s); searching.", len(cached),
+                 split, path)
+    best, trials = evaluation.tune_inference(cached, examples, class_names,
+                                             config.model.taus, inference_config)
+    table = evaluation.trials_table(trials, best)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "tuning.md"), "w", encoding="utf-8") as f:
+        f.write(f"Tuned on split {split!r} of {FLAGS.model_dir} ({path}).\n\n{table}\n")
+    print(f"Settings tried on {split!r} (the chosen one in bold):\n{table}")
+    dataclasses.replace(config, inference=best).save(FLAGS.model_dir)
+    print(f"Saved the tuned inference settings into {FLAGS.model_dir}/config.json: "
+          f"{best}. They were chosen on {split!r}: report on another split.")
+    return cached.evaluate(examples, class_names, config.model.taus, best)
 
 
 def run():

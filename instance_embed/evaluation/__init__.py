@@ -12,8 +12,9 @@
 
 Modules: `matching` (mask overlaps, SDS and COCO matching, average precision),
 `evaluator` (`InstanceEvaluator`), `report` (`metrics.json`, the Table 1 style table,
-plots), `runner` (a model or predict function over a dataset split). Everything but
-the runner is NumPy.
+plots), `runner` (a model or predict function over a dataset split), `tuning`
+(inference settings searched on stored network outputs). Everything but the runner and
+the tuning is NumPy.
 
 Exact choices (the `protocol` entry of every result names the options in force):
 
@@ -95,12 +96,14 @@ from instance_embed.evaluation.report import (
     write_metrics_json,
 )
 from instance_embed.evaluation.runner import evaluate, evaluate_model, write_outputs
+from instance_embed.evaluation.tuning import CachedNetwork, tune_inference, trials_table
 
 __all__ = [
     "COCO_IOU_THRESHOLDS",
     "DEFAULT_IOU_THRESHOLDS",
     "DEFAULT_PROPOSAL_COUNTS",
     "EvaluationCurves",
+    "CachedNetwork",
     "InstanceEvaluator",
     "METRICS_FILENAME",
     "PrecisionRecallCurve",
@@ -108,6 +111,8 @@ __all__ = [
     "evaluate_model",
     "format_table",
     "save_plots",
+    "trials_table",
+    "tune_inference",
     "write_metrics_json",
     "write_outputs",
 ]

@@ -17,6 +17,7 @@ from instance_embed.inference.predictor import (
     pad_images,
     predict_from_outputs,
     predict_images,
+    run_network,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "predict_from_outputs",
     "predict_images",
     "predict_instances",
+    "run_network",
 ]

@@ -115,19 +115,29 @@ def predict_images(model, images: tf.Tensor, taus: Sequence[float],
     """
     image_size = tf.shape(images)[1:3]
     padded = pad_images(images)
-    if isinstance(model, keras.Model):
-        network = lambda x: model(x, training=False)
-    else:
-        network = model
-    if config.flip_tta:
-        batch = tf.shape(padded)[0]
-        both = network(tf.concat([padded, tf.reverse(padded, axis=[2])], axis=0))
-        outputs = {"embeddings": both["embeddings"][:batch],
-                   "class_logits": mirror_averaged_logits(both["class_logits"], batch)}
-    else:
-        outputs = network(padded)
+    outputs = run_network(model, padded, config.flip_tta)
     return predict_from_outputs(outputs, image_size, tf.shape(padded)[1:3], taus, config,
                                 padded)
+
+
+def run_network(model, padded: tf.Tensor, flip_tta: bool = False) -> dict[str, tf.Tensor]:
+    """The network's `embeddings` and `class_logits` for padded images `[B, Hp, Wp, 3]`.
+
+    Args:
+      model: a model from `build_model` (run in inference mode), or
+        `network_function(model)`.
+      padded: images padded by `pad_images`.
+      flip_tta: also run the mirrored images, in the same batch, and return the
+        flip-averaged class maps (`InferenceConfig.flip_tta`).
+    """
+    network = (lambda x: model(x, training=False)) if isinstance(model, keras.Model) else model
+    if not flip_tta:
+        outputs = network(padded)
+        return {"embeddings": outputs["embeddings"], "class_logits": outputs["class_logits"]}
+    batch = tf.shape(padded)[0]
+    both = network(tf.concat([padded, tf.reverse(padded, axis=[2])], axis=0))
+    return {"embeddings": both["embeddings"][:batch],
+            "class_logits": mirror_averaged_logits(both["class_logits"], batch)}
 
 
 def mirror_averaged_logits(class_logits: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:

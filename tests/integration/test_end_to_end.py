@@ -136,7 +136,7 @@ def test_inference_ablations_match_direct_evaluation(repo_root):
     # Jitter 0.05: D within an instance ~0.08, far above the rounding of D and far below
     # every tau's radius, so seeds are well defined and the masks unchanged.
     network = functools.partial(oracle_network, jitter=0.05)
-    cache = inference_ablations.network_outputs(network, dataset)
+    cache = evaluation.CachedNetwork(network, dataset)
     base = inference.InferenceConfig(num_seeds=20, nms_iou_threshold=None)
     by_alpha, by_seeds = inference_ablations.ablation_tables(
         cache, dataset, ["a", "b", "c"], TAUS, base, alphas=[0.0, 0.6], seed_counts=[3, 20],
@@ -157,3 +157,31 @@ def test_inference_ablations_match_direct_evaluation(repo_root):
                        without["mAP_r@0.5"], without["AR@0.5@1000"])
     # The settings really differ (suppression matters for a perfect network).
     assert by_seeds[20][0] > by_seeds[20][2] + 0.2
+
+
+def test_tuning_finds_the_best_setting_it_tries_and_reports_true_metrics():
+    examples = oracle_examples(num_images=6)
+    dataset = tf.data.Dataset.from_generator(
+        lambda: iter(examples), output_signature={
+            "image": tf.TensorSpec([120, 100, 3], tf.uint8),
+            "instances": tf.TensorSpec([120, 100], tf.int32),
+            "instance_classes": tf.TensorSpec([None], tf.int32),
+            "image_id": tf.TensorSpec([], tf.string)})
+    network = functools.partial(oracle_network, jitter=0.05)
+    cache = evaluation.CachedNetwork(network, dataset)
+    base = inference.InferenceConfig(num_seeds=20, nms_iou_threshold=None)
+    space = {"nms_iou_threshold": (None, 0.5), "alpha": (0.0, 0.3)}
+    best, trials = evaluation.tune_inference(cache, dataset, ["a", "b", "c"], TAUS, base,
+                                             space=space)
+    # Duplicates of a perfect network's masks only cost precision: suppression wins.
+    assert best.nms_iou_threshold == 0.5
+    keys = [(t["mAP_r@0.5"], t["mAP_r@0.7"]) for t in trials]
+    chosen = [t for t in trials if t["nms_iou_threshold"] == best.nms_iou_threshold
+              and t["alpha"] == best.alpha]
+    assert len(chosen) == 1 and (chosen[0]["mAP_r@0.5"], chosen[0]["mAP_r@0.7"]) == max(keys)
+    for trial in trials[:3]:  # the reported numbers are those of a direct evaluation
+        direct = evaluate_oracle(examples, dataclasses.replace(
+            base, nms_iou_threshold=trial["nms_iou_threshold"], alpha=trial["alpha"]), network)
+        assert trial["mAP_r@0.5"] == direct["mAP_r@0.5"]
+    table = evaluation.trials_table(trials, best, space)
+    assert table.count("\n") == len(trials) + 1 and "**0.5**" in table

@@ -56,6 +56,32 @@ def test_eval_main_overrides_inference_settings(trained_run, tmp_path, run_progr
     assert metrics["AR@0.5@10"] == metrics["AR@0.5@1000"]
 
 
+def test_eval_main_tune_saves_the_best_tried_settings_into_the_run(trained_run, tmp_path,
+                                                                   run_program):
+    data_dir, manual, model_dir = trained_run
+    run_copy = str(tmp_path / "run")
+    shutil.copytree(model_dir, run_copy)
+    out = run_program("instance_embed.eval_main", f"--model_dir={run_copy}", "--tune",
+                      "--split=validation", f"--output_dir={tmp_path / 'tuned'}")
+    assert "Settings tried on 'validation'" in out.stdout
+    table = (tmp_path / "tuned" / "tuning.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    best_rows = [row for row in rows if "**" in row]
+    assert len(rows) >= 8 and len(best_rows) == 1
+    cells = [c.strip(" *") for c in best_rows[0].strip("|").split("|")]
+    saved = json.load(open(os.path.join(run_copy, "config.json")))["inference"]
+    assert [str(saved[f]) for f in ("alpha", "nms_iou_threshold", "support_rescoring",
+                                    "score_threshold")] == cells[:4]
+    # The best row has the best mAP^r@0.5 of the table, and it is what was evaluated.
+    assert float(cells[4]) == max(float(r.strip("|").split("|")[4].strip(" *")) for r in rows)
+    metrics = json.load(open(tmp_path / "tuned" / "metrics.json"))
+    assert round(100 * metrics["mAP_r@0.5"], 1) == float(cells[4])
+    # export_main bakes the tuned settings in.
+    export = serving.export_from_model_dir(run_copy, str(tmp_path / "export"))
+    info = json.load(open(os.path.join(export, "assets.extra", "export_info.json")))
+    assert info["inference"] == saved
+
+
 def test_eval_main_refuses_bad_arguments(trained_run, tmp_path, run_program):
     _, _, model_dir = trained_run
     out = run_program("instance_embed.eval_main", expect_ok=False)
