@@ -4,7 +4,9 @@ r"""Runs an exported SavedModel on image files.
       --input='photos/*.jpg' --output=predictions/
 
 `--saved_model` is an export directory (its highest version is used) or one version
-directory; `--input` a file, a directory (every file in it) or a glob. For each image
+directory; `--input` a file, a directory (every file in it) or a glob. Images larger
+than the model's pixel limit need `--tile_size` (e.g. 512): they are predicted in
+overlapping tiles and their instances merged. For each image
 `<stem>.<ext>` the output directory gets
 
 * `<stem>_instances.png`: 16-bit grayscale instance labels, 0 background, k for the
@@ -48,6 +50,12 @@ flags.DEFINE_float("overlay_min_score", 0.5, "Detections scoring below are not d
 flags.DEFINE_string("ground_truth_dir", None, "Directory of ground-truth pictures "
                     "<stem>.png shown beside the predictions in overview.png.")
 flags.DEFINE_integer("overview_images", 16, "Images in overview.png (0: no overview).",
+                     lower_bound=0)
+flags.DEFINE_integer("tile_size", 0, "Predict images with a side over this many pixels "
+                     "in overlapping tiles of this size, merging instances across the "
+                     "overlaps (a multiple of 32; 0: whole images only).", lower_bound=0)
+flags.DEFINE_integer("tile_overlap", 128, "Pixels shared by neighbouring tiles (more than "
+                     "the largest instance's size keeps instances whole in some tile).",
                      lower_bound=0)
 flags.DEFINE_boolean("progress", True, "Show a progress bar.")
 for _name in ("saved_model", "input", "output"):
@@ -99,10 +107,14 @@ def main(argv):
     from instance_embed import visualize
     from instance_embed.segmenter import Segmenter
 
+    tiles = {"tile_size": FLAGS.tile_size or None, "tile_overlap": FLAGS.tile_overlap}
     try:
-        segmenter = Segmenter.from_saved_model(FLAGS.saved_model)
-    except (FileNotFoundError, ValueError, OSError) as e:
+        segmenter = Segmenter.from_saved_model(FLAGS.saved_model, **tiles)
+    except (FileNotFoundError, OSError) as e:
         raise app.UsageError(f"--saved_model={FLAGS.saved_model}: {e}") from None
+    except ValueError as e:
+        flag = "--tile_size" if "tile_size" in str(e) else f"--saved_model={FLAGS.saved_model}"
+        raise app.UsageError(f"{flag}: {e}") from None
     os.makedirs(FLAGS.output, exist_ok=True)
 
     results, failures, overview_tiles = [], [], []

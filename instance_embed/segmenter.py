@@ -7,7 +7,9 @@
     for name, score, box in zip(instances.class_names_of(), instances.scores, instances.boxes):
         print(name, f"{score:.2f}", box)          # box: (ymin, xmin, ymax, xmax) in pixels
 
-Both kinds of model run the same graph: a SavedModel's `serving_default` (encoded images)
+`tile_size=` predicts images larger than it in overlapping tiles, instances merged across
+the overlaps (`tiling.py`): for images over the model's pixel limit. Both kinds of model
+run the same graph: a SavedModel's `serving_default` (encoded images)
 and `serving_images` (pixels) signatures, or the very functions `export_main` would
 write, traced in this process from a run's latest checkpoint. A list of images gives a
 list of `Instances`, one image per call (images of a list may differ in size).
@@ -28,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from instance_embed import serving
+from instance_embed import tiling
 from instance_embed import visualize
 from instance_embed.inference import InferenceConfig
 from instance_embed.serving.images import DEFAULT_MAX_IMAGE_PIXELS
@@ -110,34 +113,46 @@ class Segmenter:
       source: the SavedModel version directory or the checkpoint it runs.
     """
 
-    def __init__(self, detect_bytes, detect_pixels, class_names: Sequence[str], source: str):
+    def __init__(self, detect_bytes, detect_pixels, class_names: Sequence[str], source: str,
+                 tile_size: int | None = None, tile_overlap: int = 128,
+                 tile_min_score: float = 0.1):
         """Use `from_saved_model`, `from_model_dir` or `from_model`.
 
         `detect_bytes` (string `[B]`) and `detect_pixels` (uint8 `[B, H, W, 3]`) return
-        the `serving_default` outputs of `serving.signatures`.
+        the `serving_default` outputs of `serving.signatures`. With `tile_size`, images
+        with a side over it run in tiles of that size overlapping by `tile_overlap`
+        pixels (`tiling.tile_origins`), keeping the detections that score at least
+        `tile_min_score`: each merged instance has a dense mask of the whole image's
+        size (24 MB at 6000 x 4000), so a large image cannot keep K per tile.
         """
+        if tile_size is not None:
+            tiling.tile_origins(tile_size + 1, tile_size, tile_overlap)  # checks them
         self._detect_bytes = detect_bytes
         self._detect_pixels = detect_pixels
         self.class_names = tuple(class_names)
         self.source = source
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+        self.tile_min_score = tile_min_score
 
     @classmethod
-    def from_saved_model(cls, path: str) -> Segmenter:
+    def from_saved_model(cls, path: str, **tiling_args) -> Segmenter:
         """A SavedModel from `export_main`: an export directory (its highest version) or
-        one version directory."""
+        one version directory. `tiling_args`: `tile_size`, `tile_overlap`,
+        `tile_min_score` (see `__init__`)."""
         version_dir = serving.resolve_saved_model_dir(path)
         loaded = tf.saved_model.load(version_dir)
         by_bytes = loaded.signatures[serving.SERVING_DEFAULT]
         by_pixels = loaded.signatures[serving.SERVING_IMAGES]
         segmenter = cls(lambda x: by_bytes(**{serving.BYTES_INPUT: x}),
                         lambda x: by_pixels(**{serving.IMAGES_INPUT: x}),
-                        serving.load_class_names(version_dir), version_dir)
+                        serving.load_class_names(version_dir), version_dir, **tiling_args)
         segmenter._loaded = loaded  # The signatures' variables live as long as it.
         return segmenter
 
     @classmethod
     def from_model_dir(cls, model_dir: str, inference_config: InferenceConfig | None = None,
-                       checkpoint_path: str | None = None) -> Segmenter:
+                       checkpoint_path: str | None = None, **tiling_args) -> Segmenter:
         """A run of `train_main`: its latest checkpoint (or `checkpoint_path`) with the
         run's inference settings (or `inference_config`)."""
         from instance_embed.training import checkpoints
@@ -145,12 +160,12 @@ class Segmenter:
         model, config, path = checkpoints.restore_model(model_dir, checkpoint_path)
         if inference_config is not None:
             config = dataclasses.replace(config, inference=inference_config)
-        return cls.from_model(model, config, source=path)
+        return cls.from_model(model, config, source=path, **tiling_args)
 
     @classmethod
     def from_model(cls, model, experiment_config, class_names: Sequence[str] | None = None,
                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                   source: str = "model") -> Segmenter:
+                   source: str = "model", **tiling_args) -> Segmenter:
         """A Keras model built from `experiment_config.model`, with its inference
         settings and its dataset's class names (or `class_names`)."""
         functions = ServingFunctions(model, experiment_config.model.taus,
@@ -159,7 +174,7 @@ class Segmenter:
                   for name, (fn, spec) in functions.signatures().items()}
         names = serving.class_names_of(experiment_config, class_names)
         return cls(traced[serving.SERVING_DEFAULT], traced[serving.SERVING_IMAGES], names,
-                   source)
+                   source, **tiling_args)
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]
                  ) -> Instances | list[Instances]:
@@ -182,16 +197,47 @@ class Segmenter:
             with open(image, "rb") as f:
                 image = f.read()
         if isinstance(image, bytes):
-            outputs = self._run(self._detect_bytes, tf.constant([image]), name)
-            pixels = tf.io.decode_image(image, channels=3, dtype=tf.uint8,
-                                        expand_animations=False).numpy()
+            # Decoded by the model (its errors name what is wrong with the file), and
+            # here for the image to show; first here when it may need tiles.
+            pixels = None if self.tile_size is None else self._decode(image, name)
+            if pixels is None or max(pixels.shape[:2]) <= self.tile_size:
+                outputs = self._run(self._detect_bytes, tf.constant([image]), name)
+                return self._instances(outputs, self._decode(image, name)
+                                       if pixels is None else pixels)
         elif isinstance(image, np.ndarray):
             pixels = check_image_array(image, name)
-            outputs = self._run(self._detect_pixels, tf.constant(pixels[np.newaxis]), name)
         else:
             raise TypeError(f"{name}: a {type(image).__name__}; expected a path, encoded "
                             "JPEG/PNG bytes or a uint8 NumPy array [H, W, 3]")
+        if self.tile_size is not None and max(pixels.shape[:2]) > self.tile_size:
+            return self._tiled(pixels, name)
+        outputs = self._run(self._detect_pixels, tf.constant(pixels[np.newaxis]), name)
         return self._instances(outputs, pixels)
+
+    @staticmethod
+    def _decode(data: bytes, name: str) -> np.ndarray:
+        try:
+            return tf.io.decode_image(data, channels=3, dtype=tf.uint8,
+                                      expand_animations=False).numpy()
+        except tf.errors.InvalidArgumentError as e:
+            raise ValueError(f"{name}: cannot be decoded as an image: "
+                             f"{model_error_message(e)}") from None
+
+    def _tiled(self, pixels: np.ndarray, name: str) -> Instances:
+        """`pixels` in overlapping tiles of `tile_size`, merged (`tiling.merge_tiles`)."""
+        height, width = pixels.shape[:2]
+        tiles = []
+        for y in tiling.tile_origins(height, self.tile_size, self.tile_overlap):
+            for x in tiling.tile_origins(width, self.tile_size, self.tile_overlap):
+                crop = pixels[y:y + self.tile_size, x:x + self.tile_size]
+                outputs = self._run(self._detect_pixels, tf.constant(crop[np.newaxis]),
+                                    f"{name} (tile at y={y}, x={x})")
+                found = self._instances(outputs, crop).above(self.tile_min_score)
+                tiles.append(tiling.TileDetections((y, x), found.masks, found.boxes,
+                                                   found.classes, found.scores))
+        masks, boxes, classes, scores = tiling.merge_tiles(tiles, (height, width))
+        return Instances(image=pixels, masks=masks, boxes=boxes, classes=classes,
+                         scores=scores, class_names=self.class_names)
 
     @staticmethod
     def _run(detect, batch: tf.Tensor, name: str) -> dict[str, np.ndarray]:

@@ -269,3 +269,23 @@ def test_output_stems_and_inputs(tmp_path):
     assert predict_main.find_inputs(str(tmp_path / "*.png")) == [str(tmp_path / "1.png")]
     assert predict_main.find_inputs(str(tmp_path / "2.jpg")) == [str(tmp_path / "2.jpg")]
     assert predict_main.find_inputs(str(tmp_path / "none*")) == []
+
+
+def test_tile_size_predicts_in_tiles_and_refuses_a_bad_size(export_dir, inputs, tmp_path):
+    folder, _ = inputs
+    argv = ["predict_main", f"--saved_model={export_dir}", f"--input={folder / 'street.png'}",
+            f"--output={tmp_path / 'tiled'}", "--tile_size=32", "--tile_overlap=8",
+            "--noprogress"]
+    predict_main.FLAGS(argv)
+    try:
+        assert predict_main.main(argv[:1]) == 0  # 37 x 45 in 32-pixel tiles
+        with open(tmp_path / "tiled" / "predictions.json") as f:
+            results = json.load(f)
+        assert results and {r["image_id"] for r in results} == {"street"}
+        with Image.open(tmp_path / "tiled" / "street_instances.png") as labels:
+            assert labels.size == (45, 37)
+        predict_main.FLAGS(argv[:-3] + ["--tile_size=30"])
+        with pytest.raises(app.UsageError, match="--tile_size: .*multiple of 32"):
+            predict_main.main(argv[:1])
+    finally:
+        predict_main.FLAGS.unparse_flags()
