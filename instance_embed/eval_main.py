@@ -19,6 +19,7 @@ run's settings, so the paper's ablations (Tables 2 and 3) need no retraining.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from absl import app
@@ -68,18 +69,23 @@ def main(argv):
     from instance_embed import data as datasets
     from instance_embed import evaluation
     from instance_embed.segmenter import Segmenter
+    from instance_embed.training import checkpoints
 
     if FLAGS.model_dir:
         try:
             config = configs.ExperimentConfig.load(FLAGS.model_dir)
             inference_config = config_flags.apply_flags(
                 config.inference, config_flags.INFERENCE_FLAGS, override=True)
-            segmenter = Segmenter.from_model_dir(FLAGS.model_dir, inference_config)
+            model, config, checkpoint = checkpoints.restore_model(FLAGS.model_dir)
         except (FileNotFoundError, ValueError) as e:
             message = config_flags.flag_error(e, config_flags.INFERENCE_FLAGS)
             if not message.startswith("--"):
                 message = f"--model_dir={FLAGS.model_dir}: {message}"
             raise app.UsageError(message) from None
+        if not FLAGS.tune:  # (--tune runs the model itself, once per image)
+            segmenter = Segmenter.from_model(
+                model, dataclasses.replace(config, inference=inference_config),
+                source=checkpoint)
         dataset_config = config.dataset
         source = FLAGS.model_dir
     else:
@@ -91,7 +97,8 @@ def main(argv):
             raise app.UsageError("--dataset is required with --saved_model")
         dataset_config = configs.DatasetConfig(name=FLAGS.dataset)
         source = FLAGS.saved_model
-    logging.info("Evaluating %s", segmenter.source)
+        checkpoint = segmenter.source
+    logging.info("Evaluating %s", checkpoint)
 
     name = FLAGS.dataset or dataset_config.name
     if name not in datasets.DATASETS:
@@ -114,7 +121,8 @@ def main(argv):
     if FLAGS.max_examples:
         examples = examples.take(FLAGS.max_examples)
     if FLAGS.tune:
-        evaluator = tune(config, inference_config, examples, class_names, split, output_dir)
+        evaluator = tune(model, checkpoint, config, inference_config, examples, class_names,
+                         split, output_dir)
     else:
         evaluator = evaluation.InstanceEvaluator(
             len(class_names), class_names=class_names, use_07_metric=FLAGS.use_07_metric,
@@ -126,16 +134,13 @@ def main(argv):
           f"{os.path.join(output_dir, 'plots')}/")
 
 
-def tune(config, inference_config, examples, class_names, split: str, output_dir: str):
+def tune(model, path: str, config, inference_config, examples, class_names, split: str,
+         output_dir: str):
     """`--tune`: the search, its table (printed and in `output_dir/tuning.md`), the best
     settings saved into the run; returns the evaluator of the best settings."""
-    import dataclasses
-
     from instance_embed import evaluation
     from instance_embed import inference
-    from instance_embed.training import checkpoints
 
-    model, _, path = checkpoints.restore_model(FLAGS.model_dir)
     cached = evaluation.CachedNetwork(inference.network_function(model), examples,
                                       inference_config.flip_tta)
     logging.info("Network outputs of %d images of %r stored (%s); searching.", len(cached),

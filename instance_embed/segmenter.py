@@ -170,8 +170,10 @@ class Segmenter:
         settings and its dataset's class names (or `class_names`)."""
         functions = ServingFunctions(model, experiment_config.model.taus,
                                      experiment_config.inference, max_image_pixels)
+        # The two signatures a Segmenter calls, traced once each for every image size.
         traced = {name: fn.get_concrete_function(*spec)
-                  for name, (fn, spec) in functions.signatures().items()}
+                  for name, (fn, spec) in functions.signatures().items()
+                  if name in (serving.SERVING_DEFAULT, serving.SERVING_IMAGES)}
         names = serving.class_names_of(experiment_config, class_names)
         return cls(traced[serving.SERVING_DEFAULT], traced[serving.SERVING_IMAGES], names,
                    source, **tiling_args)

@@ -94,6 +94,16 @@ def oracle_examples(num_images=24):
     return examples
 
 
+def as_dataset(examples):
+    """`oracle_examples` as the `tf.data.Dataset` the evaluation runner reads."""
+    return tf.data.Dataset.from_generator(
+        lambda: iter(examples), output_signature={
+            "image": tf.TensorSpec([120, 100, 3], tf.uint8),
+            "instances": tf.TensorSpec([120, 100], tf.int32),
+            "instance_classes": tf.TensorSpec([None], tf.int32),
+            "image_id": tf.TensorSpec([], tf.string)})
+
+
 def evaluate_oracle(examples, config, network=oracle_network):
     evaluator = evaluation.InstanceEvaluator(NUM_CLASSES)
     for example in examples:
@@ -127,12 +137,7 @@ def test_inference_ablations_match_direct_evaluation(repo_root):
     import inference_ablations
 
     examples = oracle_examples(num_images=8)
-    dataset = tf.data.Dataset.from_generator(
-        lambda: iter(examples), output_signature={
-            "image": tf.TensorSpec([120, 100, 3], tf.uint8),
-            "instances": tf.TensorSpec([120, 100], tf.int32),
-            "instance_classes": tf.TensorSpec([None], tf.int32),
-            "image_id": tf.TensorSpec([], tf.string)})
+    dataset = as_dataset(examples)
     # Jitter 0.05: D within an instance ~0.08, far above the rounding of D and far below
     # every tau's radius, so seeds are well defined and the masks unchanged.
     network = functools.partial(oracle_network, jitter=0.05)
@@ -161,12 +166,7 @@ def test_inference_ablations_match_direct_evaluation(repo_root):
 
 def test_tuning_finds_the_best_setting_it_tries_and_reports_true_metrics():
     examples = oracle_examples(num_images=6)
-    dataset = tf.data.Dataset.from_generator(
-        lambda: iter(examples), output_signature={
-            "image": tf.TensorSpec([120, 100, 3], tf.uint8),
-            "instances": tf.TensorSpec([120, 100], tf.int32),
-            "instance_classes": tf.TensorSpec([None], tf.int32),
-            "image_id": tf.TensorSpec([], tf.string)})
+    dataset = as_dataset(examples)
     network = functools.partial(oracle_network, jitter=0.05)
     cache = evaluation.CachedNetwork(network, dataset)
     base = inference.InferenceConfig(num_seeds=20, nms_iou_threshold=None)
