@@ -44,9 +44,10 @@ class InferenceConfig:
         back) are averaged before seeds are chosen and scored. Embeddings are the
         image's own: they are not mirror-equivariant, and a mask needs one embedding
         space. Twice the network's time.
-      jit_compile: run everything after the network (`predict_instances`) as one XLA
-        computation (`predictor.predict_from_outputs`): same results, faster on a CPU
-        (docs/benchmarks.md), but compiled again for every new input size (seconds).
+      jit_compile: run the heads-resolution post-processing (`select_detections`:
+        seeds, masks, suppression) as one XLA computation
+        (`predictor.predict_from_outputs`); drawing at the image's resolution stays in
+        plain TF ops. Same results; compiled again for every new heads size.
         For fixed-size inputs; TF Serving runs it with
         `--xla_cpu_compilation_enabled=true`.
     """

@@ -24,7 +24,8 @@ import keras
 import tensorflow as tf
 
 from instance_embed.inference.config import InferenceConfig
-from instance_embed.inference.detections import predict_instances
+from instance_embed.inference.detections import draw_detections
+from instance_embed.inference.detections import select_detections
 
 PAD_MULTIPLE = 32
 # Forces background where the heads look at padding: softmax(.)[0] == 1 in float32.
@@ -94,7 +95,8 @@ def network_function(model: keras.Model) -> tf.types.experimental.PolymorphicFun
 
 
 def predict_images(model, images: tf.Tensor, taus: Sequence[float],
-                   config: InferenceConfig) -> dict[str, tf.Tensor]:
+                   config: InferenceConfig, dense_masks: bool = True,
+                   mask_dtype: tf.DType = tf.bool) -> dict[str, tf.Tensor]:
     """Runs the network and the paper's inference on a batch of same-size images.
 
     Plain TensorFlow ops: call it eagerly, or inside any `tf.function` (the SavedModel
@@ -105,19 +107,23 @@ def predict_images(model, images: tf.Tensor, taus: Sequence[float],
       images: `[B, H, W, 3]` RGB, uint8 or float in [0, 255], any H, W >= 1.
       taus: the model's similarity thresholds (`ModelConfig.taus`).
       config: the inference settings.
+      dense_masks: whether to return `detection_masks` (the boxes and the instance
+        map do not need them).
+      mask_dtype: their dtype, tf.bool or tf.uint8.
 
     Returns:
       `predict_instances`' outputs at the input resolution
-      (`num_detections [B]`, `detection_masks` bool `[B, K, H, W]`,
-      `detection_classes [B, K]`, `detection_scores [B, K]`, `detection_taus [B, K]`,
-      `seed_indices [B, K]`, `instance_map [B, H, W]`) plus the heads' `embeddings
-      [B, h, w, d]` and `class_probs [B, h, w, T, C + 1]` of the padded input.
+      (`num_detections [B]`, `detection_masks` `[B, K, H, W]`, `detection_boxes
+      [B, K, 4]` in pixels, `detection_classes [B, K]`, `detection_scores [B, K]`,
+      `detection_taus [B, K]`, `seed_indices [B, K]`, `instance_map [B, H, W]`) plus
+      the heads' `embeddings [B, h, w, d]` and `class_probs [B, h, w, T, C + 1]` of the
+      padded input.
     """
     image_size = tf.shape(images)[1:3]
     padded = pad_images(images)
     outputs = run_network(model, padded, config.flip_tta)
     return predict_from_outputs(outputs, image_size, tf.shape(padded)[1:3], taus, config,
-                                padded)
+                                padded, dense_masks, mask_dtype)
 
 
 def run_network(model, padded: tf.Tensor, flip_tta: bool = False) -> dict[str, tf.Tensor]:
@@ -159,7 +165,8 @@ def mirror_averaged_logits(class_logits: tf.Tensor, batch: tf.Tensor) -> tf.Tens
 def predict_from_outputs(network_outputs: Mapping[str, tf.Tensor], image_size: tf.Tensor,
                          padded_size: tf.Tensor, taus: Sequence[float],
                          config: InferenceConfig,
-                         padded_images: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+                         padded_images: tf.Tensor | None = None, dense_masks: bool = True,
+                         mask_dtype: tf.DType = tf.bool) -> dict[str, tf.Tensor]:
     """The paper's inference on the network's outputs for images padded by `pad_images`.
 
     Split from `predict_images` so that inference settings can be varied on stored
@@ -174,6 +181,7 @@ def predict_from_outputs(network_outputs: Mapping[str, tf.Tensor], image_size: t
       padded_images: `[B, Hp, Wp, 3]`, the images as the network saw them (needed by
         `config.mask_upsampling="joint_bilateral"`, which draws mask boundaries along
         their colour edges).
+      dense_masks, mask_dtype: as for `predict_images`.
 
     Returns:
       As `predict_images`.
@@ -185,35 +193,31 @@ def predict_from_outputs(network_outputs: Mapping[str, tf.Tensor], image_size: t
     inside = pixels_inside_image(shape[1:3], image_size, padded_size)
     valid_pixels = tf.broadcast_to(inside[None], shape[:3])
     if config.jit_compile:
-        compiled = _compiled_predict_instances(tuple(float(t) for t in taus),
+        compiled = _compiled_select_detections(tuple(float(t) for t in taus),
                                                dataclasses.astuple(config))
-        detections = compiled(embeddings, logits, padded_size, valid_pixels, padded_images)
+        selected = compiled(embeddings, logits, valid_pixels)
     else:
-        detections = predict_instances(embeddings, logits, padded_size, taus, config,
-                                       valid_pixels, padded_images)
-    detections["detection_masks"] = detections["detection_masks"][
-        :, :, :image_size[0], :image_size[1]]
-    detections["instance_map"] = detections["instance_map"][
-        :, :image_size[0], :image_size[1]]
+        selected = select_detections(embeddings, logits, taus, config, valid_pixels)
+    detections = draw_detections(selected, padded_size, config, padded_images,
+                                 crop_size=image_size, dense_masks=dense_masks,
+                                 mask_dtype=mask_dtype)
     detections["embeddings"] = embeddings
     detections["class_probs"] = tf.nn.softmax(logits, axis=-1)
     return detections
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_predict_instances(taus: tuple, config_fields: tuple):
-    """`predict_instances` under XLA for one set of taus and `InferenceConfig` fields.
+def _compiled_select_detections(taus: tuple, config_fields: tuple):
+    """`select_detections` under XLA for one set of taus and `InferenceConfig` fields.
 
     One `tf.function` per setting, so that XLA's compilation cache (keyed by function
-    and input shapes) is reused across calls; `padded_size` is a compile-time constant
-    of each compilation.
+    and input shapes) is reused across calls.
     """
     config = InferenceConfig(*config_fields)
 
     @tf.function(jit_compile=True, autograph=False)
-    def compiled(embeddings, logits, padded_size, valid_pixels, padded_images):
-        return predict_instances(embeddings, logits, padded_size, taus, config,
-                                 valid_pixels, padded_images)
+    def compiled(embeddings, logits, valid_pixels):
+        return select_detections(embeddings, logits, taus, config, valid_pixels)
 
     return compiled
 

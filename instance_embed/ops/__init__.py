@@ -4,7 +4,9 @@
 - `seeds`: seediness and the greedy, diverse seed selection (paper 3.3-3.4);
 - `masks`: masks grown from seeds, their classes and scores, duplicate suppression,
   boxes around masks;
-- `upsampling`: heads-resolution masks drawn at the image's resolution;
+- `upsampling`: heads-resolution masks drawn at the image's resolution (bilinear), their
+  boxes and the instance map;
+- `bilateral`: the same drawn along the image's colour edges (joint bilateral);
 - `checks`: argument checks that name the argument.
 """
 

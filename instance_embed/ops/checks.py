@@ -71,17 +71,18 @@ def check_num_seeds(num_seeds) -> int:
     return int(num_seeds)
 
 
-def check_image_size(image_size):
+def check_image_size(image_size, name: str = "image_size") -> tf.Tensor:
+    """int32 `[2]` from (height, width) as ints, a TensorShape or an int tensor."""
     if isinstance(image_size, tf.TensorShape):
         image_size = tuple(image_size.as_list())
     if isinstance(image_size, (tf.Tensor, tf.Variable)):
         if image_size.shape.rank is not None and image_size.shape != (2,):
-            raise ValueError(f"image_size must hold (height, width), got shape {image_size.shape}")
+            raise ValueError(f"{name} must hold (height, width), got shape {image_size.shape}")
         return tf.cast(image_size, tf.int32)
     if (not isinstance(image_size, Sequence) or len(image_size) != 2
             or not all(isinstance(s, numbers.Integral) and s > 0 for s in image_size)):
-        raise ValueError(f"image_size={image_size!r}: must be (height, width), two positive ints")
-    return [int(s) for s in image_size]
+        raise ValueError(f"{name}={image_size!r}: must be (height, width), two positive ints")
+    return tf.constant([int(s) for s in image_size], tf.int32)
 
 
 def is_real(x) -> bool:

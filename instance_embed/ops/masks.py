@@ -173,6 +173,12 @@ def mask_boxes(masks: tf.Tensor) -> tf.Tensor:
     box (y, x, y + 1, x + 1) and dividing by (H, W, H, W) gives the normalised boxes of
     the TF Object Detection API. An empty mask's box is all zeros.
     """
+    return boxes_from_projections(tf.reduce_any(masks, axis=-1), tf.reduce_any(masks, axis=-2))
+
+
+def boxes_from_projections(rows: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
+    """`mask_boxes` from the masks' non-empty rows, bool `[..., H]`, and columns,
+    bool `[..., W]`."""
     def first_and_end(present: tf.Tensor):  # bool [..., n] -> int32 [...] twice
         size = tf.shape(present)[-1]
         first = tf.argmax(tf.cast(present, tf.int32), axis=-1, output_type=tf.int32)
@@ -180,8 +186,6 @@ def mask_boxes(masks: tf.Tensor) -> tf.Tensor:
                                     output_type=tf.int32)
         return first, last + 1
 
-    rows = tf.reduce_any(masks, axis=-1)  # [..., H]
-    columns = tf.reduce_any(masks, axis=-2)  # [..., W]
     ymin, ymax = first_and_end(rows)
     xmin, xmax = first_and_end(columns)
     boxes = tf.cast(tf.stack([ymin, xmin, ymax, xmax], axis=-1), tf.float32)

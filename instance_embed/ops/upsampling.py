@@ -1,211 +1,269 @@
-"""Heads-resolution masks drawn at the input resolution, optionally guided by the image.
+"""Heads-resolution masks drawn at the input resolution (bilinear), and what follows.
 
-The paper grows masks at the heads' resolution (a stride-4 or stride-8 grid); the
-detections are wanted at the image's. Two ways to draw them, both reading, for each
-output pixel x, the 0/1 mask values of the four heads cells whose centres surround x
-(its "dual cell": rows `low, high = min(low + 1, h - 1)` of `interpolation`, and the
-same for columns):
+The paper grows masks at the heads' resolution (a grid of stride s); the detections are
+wanted at the image's. A pixel is in a mask when the bilinear interpolation of the 0/1
+mask (`tf.image.resize`'s grid: half-pixel centres, edges clamped) is >= 0.5, so a
+boundary falls half-way between an inside and an outside cell centre, on the edge of
+the stride cell. (`ops.bilateral` draws the boundaries along the image's colour edges
+instead.)
 
-- **bilinear**: x is in the mask when the bilinear interpolation of those four values
-  is >= 0.5, so a boundary falls half-way between an inside and an outside cell centre,
-  on the edge of the stride cell (the default);
-- **joint bilateral** (Kopf et al., "Joint bilateral upsampling", SIGGRAPH 2007): each
-  cell's bilinear weight is multiplied by how close the colour of x is to the cell's
-  mean colour, `exp(-(||I(x) - mean_c||^2 - min_c' ||I(x) - mean_c'||^2) / (2 sigma^2))`
-  (the subtracted minimum only rescales the four weights, so the closest cell keeps
-  weight 1 and nothing underflows), and x is in the mask when the normalised weights of
-  the inside cells reach 0.5. A boundary inside a cell then follows the colour edge of
-  the image instead of the cell grid: thin bars and ring walls one or two cells wide get
-  their true width. This is the same use of colour that DeepLab's dense CRF makes, at
-  the cost of a per-pixel table. `sigma -> inf` gives the bilinear masks.
+The output size is an integer multiple of the heads' size (the network's stride; the
+predictor pads images to make it so). A pixel at offset (i, j) of heads cell (r, c) then
+reads the four cells of its dual cell, which all lie in the 3 x 3 neighbourhood of
+(r, c) (edges replicated: that is the clamping), with weights fixed by (i, j). So:
 
-Since masks are binary, the answer at x is a function of four bits. `bilateral_tables`
-computes once per image, for every pixel, the 16 answers as the bits of an int32 (bit
-p is the answer when the four cells' mask values are the bits of p); drawing one mask
-(`draw_mask`) is then a 4-bit pattern per cell at the heads' resolution, one gather to
-the input resolution and a shift: a few element-wise passes over the image whatever
-the weights were.
+- `cell_codes` packs each cell's neighbourhood into 9 bits, once per mask;
+- `BilinearTables` holds, for the stride, the answer for every code and offset;
+- `draw_masks` draws K masks as one gather of s-pixel rows from the table, with no
+  float intermediate, directly in the dtype wanted (bool, or uint8 for serving);
+- `mask_projections` gives each mask's non-empty rows and columns (hence its box) from
+  the codes, without drawing it;
+- `instance_map` gives, for each pixel, the first (highest-scored) covering mask from
+  each dual cell's 4-bit patterns, without drawing the masks either.
 
-`full_resolution_masks` draws the K masks of an image one after another, either way,
-and builds the instance map.
+Exactness: the tables are computed in integers (weights times 2s per axis), so a vote of
+exactly 1/2 counts as inside. With the same stride on both axes (the network's) no vote
+is exactly 1/2 (the weights are odd multiples of 1/(2s), or multiples of 1/s for odd s),
+so the masks are those of `tf.image.resize` + `>= 0.5` bit for bit; with different
+strides a float resize may split such ties either way. tests/ops/test_upsampling.py
+checks both, and the ops under XLA.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import tensorflow as tf
 
+NUM_CODES = 512  # 3 x 3 neighbourhood bits
+_DUAL_PATTERNS = 16  # the four cells of a dual cell
 
-def interpolation(in_size, out_size) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Source cells (low, high) and the weight of `high` for each output pixel of an axis.
 
-    `tf.image.resize`'s bilinear grid (half-pixel centres, edges clamped).
+def strides(heads_size: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """int32 `[2]`: `size // heads_size`, checked to be exact and >= 1.
 
-    Returns:
-      (low int32 [out_size], high int32 [out_size], frac float32 [out_size]).
+    Args:
+      heads_size: int32 `[2]`, (h, w).
+      size: int32 `[2]`, (H, W).
     """
-    scale = tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32)
-    source = (tf.cast(tf.range(out_size), tf.float32) + 0.5) * scale - 0.5
-    source = tf.clip_by_value(source, 0.0, tf.cast(in_size - 1, tf.float32))
-    low = tf.cast(tf.floor(source), tf.int32)
-    high = tf.minimum(low + 1, in_size - 1)
-    return low, high, source - tf.cast(low, tf.float32)
-
-
-def cell_mean_colours(images: tf.Tensor, heads_size) -> tf.Tensor:
-    """Mean colour of each heads cell: `[B, H, W, 3]` -> float32 `[B, h, w, 3]`.
-
-    H and W must be multiples of h and w (the predictor pads images so that they are).
-    """
-    images = tf.cast(images, tf.float32)
-    shape = tf.shape(images)
-    h, w = heads_size[0], heads_size[1]
     tf.debugging.assert_equal(
-        tf.stack([shape[1] % h, shape[2] % w]), 0,
-        message="joint bilateral upsampling needs an image size that is a multiple of "
-                "the heads' size (pad the image, as predictor.pad_images does)")
-    cells = tf.reshape(images, tf.stack([shape[0], h, shape[1] // h, w, shape[2] // w, 3]))
-    return tf.reduce_mean(cells, axis=[2, 4])
+        size % heads_size, 0,
+        message="masks are drawn at an integer multiple of the heads' size (the "
+                "network's stride): pad the images as predictor.pad_images does and pass "
+                "the unpadded size as crop_size")
+    return size // heads_size
 
 
-def bilateral_tables(images: tf.Tensor, heads_size, sigma: float | tf.Tensor
+def cell_codes(masks: tf.Tensor) -> tf.Tensor:
+    """Each cell's 3 x 3 neighbourhood as 9 bits: bool `[..., h, w]` -> int32 `[..., h, w]`.
+
+    Bit `3 * (dy + 1) + (dx + 1)` is the mask at cell (r + dy, c + dx), with the
+    nearest edge cell outside the grid (bilinear resizing clamps there).
+    """
+    bits = tf.cast(masks, tf.int32)
+    bits = tf.concat([bits[..., :1, :], bits, bits[..., -1:, :]], axis=-2)
+    bits = tf.concat([bits[..., :1], bits, bits[..., -1:]], axis=-1)  # [..., h + 2, w + 2]
+    rows = bits[..., :-2] + 2 * bits[..., 1:-1] + 4 * bits[..., 2:]  # [..., h + 2, w]
+    return rows[..., :-2, :] + 8 * rows[..., 1:-1, :] + 64 * rows[..., 2:, :]
+
+
+def _offset_weights(stride: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """For each pixel offset in a cell: the neighbour (-1 or 0) holding the lower centre
+    around it, and 2s times the bilinear weight of the upper one (an integer).
+    int32 `[s]`, float32 `[s]`."""
+    position = 2 * tf.range(stride) + 1 - stride  # from the cell's centre, in 1 / (2s)
+    before = position < 0  # above (left of) the centre
+    return (tf.where(before, -1, 0),
+            tf.cast(tf.where(before, position + 2 * stride, position), tf.float32))
+
+
+def _bilinear_margins(low_y, weight_y, low_x, weight_x, stride, bits) -> tf.Tensor:
+    """float32 `[P, sy, sx]`, >= 0 where the bilinear interpolation of P neighbourhoods
+    `bits` `[P, n, n]` is >= 1/2 at each offset (the offsets' low neighbours index
+    `bits`).
+
+    Weights are given times 2s per axis, so every vote is an integer (times 4 sy sx)
+    held exactly in float32 and compared exactly with 2 sy sx: ties are inside, whatever
+    the strides. (Float margins also keep transposes in float: oneDNN logs an ERROR line
+    for transposes of other dtypes on TF 2.21, and grappler moves casts across them.)
+    """
+    span = 2.0 * tf.cast(stride, tf.float32)
+    votes = 0.0
+    for dy, weights_y in ((0, span[0] - weight_y), (1, weight_y)):
+        rows = tf.gather(bits, low_y + dy, axis=1)  # [P, sy, n]
+        for dx, weights_x in ((0, span[1] - weight_x), (1, weight_x)):
+            votes += tf.gather(rows, low_x + dx, axis=2) * (weights_y[:, None] * weights_x)
+    return votes - span[0] * span[1] / 2
+
+
+@dataclasses.dataclass(frozen=True)
+class BilinearTables:
+    """The answers of bilinear drawing for one stride (sy, sx).
+
+    Attributes:
+      inside: bool `[NUM_CODES, sy, sx]`, pixel (i, j) of a cell whose neighbourhood
+        has that code (`cell_codes`) is in the mask.
+      rows: the same as `[sy * NUM_CODES, sx]` (row `i * NUM_CODES + code`: pixels
+        (i, 0..sx-1)) in the dtype the masks are drawn in, for `draw_masks`' gather.
+      stride: int32 `[2]`, (sy, sx).
+    """
+    inside: tf.Tensor
+    rows: tf.Tensor
+    stride: tf.Tensor
+
+    @classmethod
+    def build(cls, stride: tf.Tensor, dtype: tf.DType = tf.bool) -> BilinearTables:
+        """Tables for int32 `stride` `[2]`; masks drawn in `dtype` (bool or uint8)."""
+        low_y, weight_y = _offset_weights(stride[0])
+        low_x, weight_x = _offset_weights(stride[1])
+        margins = _bilinear_margins(
+            low_y + 1, weight_y, low_x + 1, weight_x, stride,
+            tf.reshape(_bits(tf.range(NUM_CODES), 9), [NUM_CODES, 3, 3]))  # [512, sy, sx]
+        rows = tf.transpose(margins, [1, 0, 2]) >= 0  # [sy, 512, sx]
+        return cls(inside=margins >= 0, rows=tf.cast(tf.reshape(rows, [-1, stride[1]]), dtype),
+                   stride=stride)
+
+
+def _bits(values: tf.Tensor, count: int) -> tf.Tensor:
+    """float32 `[n, count]`: the low `count` bits of int32 `values` `[n]`."""
+    return tf.cast(tf.bitwise.bitwise_and(
+        tf.bitwise.right_shift(values[:, None], tf.range(count)), 1), tf.float32)
+
+
+def draw_masks(codes: tf.Tensor, tables: BilinearTables, crop_size: tf.Tensor) -> tf.Tensor:
+    """Masks at the input resolution: `[B, K, h, w]` codes -> `[B, K, H', W']`.
+
+    Args:
+      codes: int32 `[B, K, h, w]` from `cell_codes` (0 draws an empty mask).
+      tables: for the stride (sy, sx).
+      crop_size: int32 `[2]`, (H', W') <= (h * sy, w * sx): the top-left part drawn.
+
+    Returns:
+      `[B, K, H', W']` in the tables' dtype.
+    """
+    shape = tf.shape(codes)
+    sy, sx = tables.stride[0], tables.stride[1]
+    index = codes[:, :, :, None, :] + NUM_CODES * tf.range(sy)[:, None]  # [B, K, h, sy, w]
+    index = tf.reshape(index, tf.stack([shape[0], shape[1], shape[2] * sy, shape[3]]))
+    pixels = tf.gather(tables.rows, index[:, :, :crop_size[0]])  # [B, K, H', w, sx]
+    pixels = tf.reshape(pixels, tf.stack([shape[0], shape[1], crop_size[0], shape[3] * sx]))
+    return pixels[..., :crop_size[1]]  # no copy when nothing is cropped
+
+
+def mask_projections(codes: tf.Tensor, tables: BilinearTables, crop_size: tf.Tensor
                      ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Per-pixel answer tables of joint bilateral upsampling, and each pixel's dual cell.
+    """Which rows and columns of each drawn mask hold a pixel, without drawing it.
 
     Args:
-      images: `[B, H, W, 3]` RGB in [0, 255] (uint8 or float), H and W multiples of the
-        heads' size.
-      heads_size: (h, w), ints or int32 scalars.
-      sigma: the colour distance (RGB, 0-255 scale) at which a cell's weight falls to
-        exp(-1/2) of the closest cell's.
+      codes: int32 `[B, K, h, w]` from `cell_codes`.
+      tables: for the stride.
+      crop_size: int32 `[2]`, (H', W'): only pixels of the top-left (H', W') count.
 
     Returns:
-      (tables int32 `[B, H * W]`: bit p of pixel x's entry says whether x is in a mask
-       whose four surrounding cells (low-low, low-high, high-low, high-high, as bits
-       0..3) hold the bits of p;
-       cells int32 `[H * W]`: the flattened index `low_row * w + low_col` of each
-       pixel's dual cell).
+      (bool `[B, K, H']`, bool `[B, K, W']`): `reduce_any` of
+      `draw_masks(codes, tables, crop_size)` over its columns and over its rows.
     """
-    images = tf.cast(images, tf.float32)
-    shape = tf.shape(images)
-    height, width = shape[1], shape[2]
-    h, w = heads_size[0], heads_size[1]
-    means = cell_mean_colours(images, heads_size)  # [B, h, w, 3]
-    row_low, row_high, row_frac = interpolation(h, height)
-    col_low, col_high, col_frac = interpolation(w, width)
-
-    corners = []  # bit order 0..3: (low, low), (low, high), (high, low), (high, high)
-    for rows, row_weight in ((row_low, 1.0 - row_frac), (row_high, row_frac)):
-        for cols, col_weight in ((col_low, 1.0 - col_frac), (col_high, col_frac)):
-            colour = tf.gather(tf.gather(means, rows, axis=1), cols, axis=2)  # [B, H, W, 3]
-            distance = tf.reduce_sum(tf.square(images - colour), axis=-1)  # [B, H, W]
-            corners.append((row_weight[:, None] * col_weight[None, :], distance))
-    distances = tf.stack([d for _, d in corners], axis=-1)  # [B, H, W, 4]
-    spatial = tf.stack([s for s, _ in corners], axis=-1)[None]  # [1, H, W, 4]
-    sigma = tf.cast(sigma, tf.float32)
-    closest = tf.reduce_min(distances, axis=-1, keepdims=True)
-    weights = spatial * tf.exp(-(distances - closest) / (2.0 * tf.square(sigma)))
-    # A pixel whose nearest cells all have zero bilinear weight cannot occur (the
-    # weights sum to 1), but keep the division safe.
-    weights = weights / tf.maximum(tf.reduce_sum(weights, axis=-1, keepdims=True), 1e-30)
-
-    patterns = tf.range(16)
-    bits = tf.cast(tf.bitwise.bitwise_and(
-        tf.bitwise.right_shift(patterns[:, None], tf.range(4)[None, :]), 1), tf.float32)
-    inside = tf.linalg.matmul(weights, bits, transpose_b=True) >= 0.5  # [B, H, W, 16]
-    tables = tf.reduce_sum(tf.where(inside, tf.bitwise.left_shift(1, patterns), 0), axis=-1)
-    cells = row_low[:, None] * w + col_low[None, :]  # [H, W]
-    return (tf.reshape(tables, tf.stack([shape[0], height * width])),
-            tf.reshape(cells, [-1]))
+    shape = tf.shape(codes)
+    sy, sx = tables.stride[0], tables.stride[1]
+    # A cell counts for a row only through its columns left of the crop (and for a
+    # column only through its rows above it): per cell, one of three tables.
+    row_tables = _cropped_any(tables.inside, along=2, cells=shape[3], crop=crop_size[1])
+    rows = tf.gather(row_tables.tables, codes + NUM_CODES * row_tables.kind)
+    rows = tf.reduce_any(rows, axis=3)  # [B, K, h, sy]
+    column_tables = _cropped_any(tables.inside, along=1, cells=shape[2], crop=crop_size[0])
+    columns = tf.gather(column_tables.tables,
+                        codes + NUM_CODES * column_tables.kind[:, None])
+    columns = tf.reduce_any(columns, axis=2)  # [B, K, w, sx]
+    rows = tf.reshape(rows, tf.stack([shape[0], shape[1], shape[2] * sy]))
+    columns = tf.reshape(columns, tf.stack([shape[0], shape[1], shape[3] * sx]))
+    return rows[..., :crop_size[0]], columns[..., :crop_size[1]]
 
 
-def draw_mask(mask: tf.Tensor, tables: tf.Tensor, cells: tf.Tensor, size) -> tf.Tensor:
-    """One heads-resolution mask per image at the input resolution, from the tables.
+@dataclasses.dataclass(frozen=True)
+class _CroppedAny:
+    tables: tf.Tensor  # bool [3 * NUM_CODES, s]: whole cells, cut cells, cells outside
+    kind: tf.Tensor  # int32 [cells]: 0, 1 or 2
+
+
+def _cropped_any(inside: tf.Tensor, along: int, cells: tf.Tensor, crop: tf.Tensor
+                 ) -> _CroppedAny:
+    """`reduce_any` of `inside` `[512, sy, sx]` over axis `along` (2: columns, 1: rows),
+    for cells whole inside the crop, cut by it, and outside it."""
+    stride = tf.shape(inside)[along]
+    start = tf.range(cells) * stride
+    kind = tf.where(start + stride <= crop, 0, tf.where(start < crop, 1, 2))
+    kept = tf.range(stride) < crop % stride  # in the cut cell
+    kept = kept[None, None, :] if along == 2 else kept[None, :, None]
+    whole = tf.reduce_any(inside, axis=along)
+    cut = tf.reduce_any(tf.logical_and(inside, kept), axis=along)
+    return _CroppedAny(tf.concat([whole, cut, tf.zeros_like(whole)], axis=0), kind)
+
+
+def dual_patterns(masks: tf.Tensor) -> tf.Tensor:
+    """The 4-bit pattern of every dual cell: bool `[..., h, w]` -> int32 `[..., h+1, w+1]`.
+
+    Dual cell (a, b) lies between the centres of cells a - 1 and a (rows) and b - 1 and
+    b (columns), edges replicated; bits 0..3 are its top-left, top-right, bottom-left
+    and bottom-right cells.
+    """
+    bits = tf.cast(masks, tf.int32)
+    bits = tf.concat([bits[..., :1, :], bits, bits[..., -1:, :]], axis=-2)
+    bits = tf.concat([bits[..., :1], bits, bits[..., -1:]], axis=-1)  # [..., h + 2, w + 2]
+    return (bits[..., :-1, :-1] + 2 * bits[..., :-1, 1:] + 4 * bits[..., 1:, :-1]
+            + 8 * bits[..., 1:, 1:])
+
+
+def _dual_table(stride: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """0/1 `[sy, 16, sx]`: pixel (i, j) of a dual cell with pattern p is in the mask.
+
+    A dual cell's pixels start s // 2 pixels before its bottom-right cell, so pixel i
+    lies (2 (i + s // 2) + 1 - s) / (2s) cells below the top-left centre.
+    """
+    def weights(s):
+        return tf.cast(2 * (tf.range(s) + s // 2) + 1 - s, tf.float32)
+
+    margins = _bilinear_margins(tf.zeros(stride[0:1], tf.int32), weights(stride[0]),
+                                tf.zeros(stride[1:2], tf.int32), weights(stride[1]), stride,
+                                tf.reshape(_bits(tf.range(_DUAL_PATTERNS), 4),
+                                           [_DUAL_PATTERNS, 2, 2]))  # [16, sy, sx]
+    return tf.cast(tf.transpose(margins, [1, 0, 2]) >= 0, dtype)
+
+
+def instance_map(masks: tf.Tensor, stride: tf.Tensor, crop_size: tf.Tensor,
+                 max_masks: int | None = None) -> tf.Tensor:
+    """For each pixel, 1 + the index of the first mask covering it once drawn (0: none).
+
+    Equal to the first-covering index over `draw_masks`' output, without drawing:
+    per dual cell and pattern, the first mask having that pattern there (a max of
+    weights K - k over the masks), then per pixel the first over the patterns that
+    cover it.
 
     Args:
-      mask: bool `[B, h, w]`.
-      tables, cells: from `bilateral_tables` for the same images.
-      size: (H, W).
+      masks: bool `[B, K, h, w]`, in detection order; empty for invalid detections.
+      stride: int32 `[2]`.
+      crop_size: int32 `[2]`, (H', W') <= (h * sy, w * sx).
+      max_masks: a bound on K when `masks`' static shape has none.
 
     Returns:
-      bool `[B, H, W]`.
+      int32 `[B, H', W']`.
     """
-    bits = tf.cast(mask, tf.int32)
-    right = tf.concat([bits[:, :, 1:], bits[:, :, -1:]], axis=2)  # cell (i, min(j + 1, w - 1))
-    below = tf.concat([bits[:, 1:], bits[:, -1:]], axis=1)
-    below_right = tf.concat([right[:, 1:], right[:, -1:]], axis=1)
-    pattern = bits + 2 * right + 4 * below + 8 * below_right  # [B, h, w] in 0..15
-    shape = tf.shape(mask)
-    pattern = tf.gather(tf.reshape(pattern, tf.stack([shape[0], shape[1] * shape[2]])),
-                        cells, axis=1)  # [B, H * W]
-    inside = tf.bitwise.bitwise_and(tf.bitwise.right_shift(tables, pattern), 1) > 0
-    return tf.reshape(inside, tf.stack([shape[0], size[0], size[1]]))
-
-
-def full_resolution_masks(low_res_masks: tf.Tensor, keep: tf.Tensor, size, draw=None
-                          ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Masks at `size = (H, W)` from heads-resolution masks, and the instance map.
-
-    Each seed's 0/1 mask is resized bilinearly (`tf.image.resize`'s grid:
-    half-pixel centres, edges clamped) and thresholded at 0.5. Every output is a convex
-    combination of two inputs per axis, so where the inputs agree it keeps their value
-    exactly.
-    Rows are interpolated by gathering, columns by a matmul with the [W, w]
-    interpolation matrix. One seed at a time, last to first, in a loop: the float
-    intermediate stays [batch, H, W], and the instance map is the mask index written
-    last, i.e. the first (highest-scored) covering mask; this is faster than resizing
-    all K maps at once, with and without XLA. tf.image.resize is not used
-    because XLA's ResizeBilinear disagrees with the TF kernel by a whole source pixel at
-    some scale factors (measured on TF 2.21 at 12 -> 36), and jit-compiled inference
-    must give the masks the plain one gives.
-
-    Args:
-      low_res_masks: bool [batch, K, h, w], see `grow_masks`.
-      keep: bool [batch, K], True before False in every image; masks of other
-        detections are empty.
-      size: (H, W), ints or int32 tensors.
-      draw: optional `bool [batch, h, w] -> bool [batch, H, W]` that draws one mask at
-        the input resolution instead (the joint bilateral one of `draw_mask`).
-
-    Returns:
-      (bool [batch, K, H, W], int32 [batch, H, W] with 1-based detection indices).
-    """
-    shape = tf.shape(low_res_masks)
-    num_seeds = low_res_masks.shape[1]
-    instance_map = tf.zeros(tf.stack([shape[0], size[0], size[1]]), tf.int32)
-    if draw is None:
-        row_low, row_high, row_frac = interpolation(shape[2], size[0])
-        row_frac = row_frac[:, None]
-        col_low, col_high, col_frac = interpolation(shape[3], size[1])
-        columns = (tf.one_hot(col_low, shape[3]) * (1.0 - col_frac)[:, None]
-                   + tf.one_hot(col_high, shape[3]) * col_frac[:, None])  # [W, w]
-
-        def draw(seed_mask):  # bool [B, h, w] -> bool [B, H, W]
-            seed_mask = tf.cast(seed_mask, tf.float32)
-            rows = ((1.0 - row_frac) * tf.gather(seed_mask, row_low, axis=1)
-                    + row_frac * tf.gather(seed_mask, row_high, axis=1))  # [B, H, w]
-            full = tf.matmul(tf.reshape(rows, [-1, shape[3]]), columns, transpose_b=True)
-            return tf.reshape(full, tf.shape(instance_map)) >= 0.5
-
-    def step(k, masks, instance_map):
-        mask = tf.logical_and(draw(tf.gather(low_res_masks, k, axis=1)),
-                              tf.gather(keep, k, axis=1)[:, None, None])
-        return k - 1, masks.write(k, mask), tf.where(mask, k + 1, instance_map)
-
-    # Kept detections come first (the caller sorts them so): only the first
-    # `num_resized` masks of any image in the batch are resized, the rest are written
-    # empty. With duplicate suppression this skips most of the work. (The array keeps
-    # its static size K so that XLA compiles it.)
-    num_resized = tf.maximum(tf.reduce_max(tf.reduce_sum(tf.cast(keep, tf.int32), axis=1)), 0)
-    masks = tf.TensorArray(tf.bool, size=num_seeds, element_shape=instance_map.shape)
-    empty = tf.zeros_like(instance_map, tf.bool)
-    _, masks = tf.while_loop(
-        lambda k, _: k >= num_resized, lambda k, masks: (k - 1, masks.write(k, empty)),
-        (tf.constant(num_seeds - 1), masks))
-    _, masks, instance_map = tf.while_loop(
-        lambda k, *_: k >= 0, step, (num_resized - 1, masks, instance_map))
-    # [K, B, H, W] -> [B, K, H, W] as a gather of rows k * B + b: oneDNN's Transpose
-    # logs an ERROR line for boolean and 8-bit tensors (TF 2.21), and XLA does not
-    # compile TensorArray scatters, which could have written each image's masks in place.
-    stacked = tf.reshape(masks.stack(), tf.concat([[-1], tf.shape(instance_map)[1:]], 0))
-    order = tf.range(num_seeds)[tf.newaxis] * shape[0] + tf.range(shape[0])[:, tf.newaxis]
-    return tf.gather(stacked, order), instance_map
+    num_masks = tf.shape(masks)[1]
+    # Weights K - k: uint8 is exact up to 255 masks and a quarter of the memory.
+    bound = masks.shape[1] or max_masks
+    dtype = tf.uint8 if bound is not None and bound <= 255 else tf.int32
+    patterns = dual_patterns(masks)  # [B, K, h + 1, w + 1]
+    weights = tf.cast(num_masks - tf.range(num_masks), dtype)[None, :, None, None, None]
+    present = tf.cast(tf.equal(patterns[..., None], tf.range(_DUAL_PATTERNS)), dtype)
+    first = tf.reduce_max(present * weights, axis=1)  # [B, h + 1, w + 1, 16]
+    # Per pixel (i, j) of each dual cell, the best over the patterns that cover it,
+    # laid out [B, h + 1, sy, w + 1, sx] by the broadcast itself (no transpose: grappler
+    # would move a cast across it and transpose a type oneDNN refuses).
+    table = _dual_table(stride, dtype)  # [sy, 16, sx]
+    best = tf.reduce_max(first[:, :, None, :, :, None] * table[:, None], axis=4)
+    shape = tf.shape(best)
+    best = tf.reshape(best, tf.stack([shape[0], shape[1] * shape[2], shape[3] * shape[4]]))
+    # The dual grid starts s - s // 2 pixels before the image (see `_dual_table`).
+    start_y, start_x = stride[0] - stride[0] // 2, stride[1] - stride[1] // 2
+    best = tf.cast(best[:, start_y:start_y + crop_size[0], start_x:start_x + crop_size[1]],
+                   tf.int32)
+    return tf.where(best > 0, num_masks + 1 - best, 0)

@@ -24,7 +24,8 @@ mask's first and one past its last row and column, divided by the image's own he
 width (so 0..1 whatever the padding of a batch).
 
 `serving_compact` returns only `num_detections`, `detection_boxes`, `detection_classes`,
-`detection_scores`, `instance_map_png_bytes` and `image_size`: TF Serving's REST API
+`detection_scores`, `instance_map_png_bytes` and `image_size`, and never draws the dense
+masks (boxes and instance map come from the heads-resolution masks): TF Serving's REST API
 cannot filter outputs (gRPC can, with `output_filter`), and dense masks in JSON are
 about K x H x W numbers per image. Masks are uint8 rather than bool because JSON then
 holds `0`/`1` instead of `false`/`true`; classes are int32 (not float32 as in the TF
@@ -45,7 +46,6 @@ from typing import Callable, Sequence
 import keras
 import tensorflow as tf
 
-from instance_embed import ops
 from instance_embed.inference import InferenceConfig
 from instance_embed.inference import network_function
 from instance_embed.inference import predict_images
@@ -65,13 +65,13 @@ COMPACT_OUTPUTS = ("num_detections", "detection_boxes", "detection_classes",
                    "detection_scores", "instance_map_png_bytes", "image_size")
 # Instance ids 1..K must fit the 16-bit PNG of `instance_map_png_bytes`.
 MAX_NUM_SEEDS = 65535
-_DETECTION_KEYS = ("num_detections", "detection_masks", "detection_classes",
-                   "detection_scores", "instance_map")
+_DETECTION_KEYS = ("num_detections", "detection_masks", "detection_boxes",
+                   "detection_classes", "detection_scores", "instance_map")
 
 
 def batch_detections(model: keras.Model | Callable, images: tf.Tensor, sizes: tf.Tensor,
-                     taus: Sequence[float], config: InferenceConfig, same_size: bool = False
-                     ) -> dict[str, tf.Tensor]:
+                     taus: Sequence[float], config: InferenceConfig, same_size: bool = False,
+                     dense_masks: bool = True) -> dict[str, tf.Tensor]:
     """Detections for a batch of images padded to a common size.
 
     When all images have the same size the network runs on the batch at once;
@@ -85,16 +85,18 @@ def batch_detections(model: keras.Model | Callable, images: tf.Tensor, sizes: tf
       taus: the model's similarity thresholds (`ModelConfig.taus`).
       config: the inference settings.
       same_size: the caller guarantees every size is (H, W): skips the check.
+      dense_masks: whether to compute `detection_masks` (`serving_compact` does not).
 
     Returns:
-      The serving outputs (module docstring), `detection_masks` as uint8.
+      The serving outputs (module docstring).
     """
     if same_size:
-        detections = _detect_together(model, images, taus, config)
+        detections = _detect_together(model, images, taus, config, dense_masks)
     else:
-        detections = tf.cond(tf.reduce_all(sizes == sizes[:1]),
-                             lambda: _detect_together(model, images, taus, config),
-                             lambda: _detect_one_by_one(model, images, sizes, taus, config))
+        detections = tf.cond(
+            tf.reduce_all(sizes == sizes[:1]),
+            lambda: _detect_together(model, images, taus, config, dense_masks),
+            lambda: _detect_one_by_one(model, images, sizes, taus, config, dense_masks))
     detections["instance_map_png_bytes"] = tf.map_fn(
         _encode_instance_png, (detections["instance_map"], sizes),
         fn_output_signature=tf.TensorSpec([], tf.string))
@@ -102,16 +104,15 @@ def batch_detections(model: keras.Model | Callable, images: tf.Tensor, sizes: tf
     return detections
 
 
-def _detect_together(model, images, taus, config):
-    outputs = predict_images(model, images, taus, config)
-    outputs = {key: outputs[key] for key in _DETECTION_KEYS}
+def _detect_together(model, images, taus, config, dense_masks):
+    outputs = predict_images(model, images, taus, config, dense_masks, tf.uint8)
+    outputs = {key: outputs[key] for key in _DETECTION_KEYS if key in outputs}
     size = tf.cast(tf.shape(images)[1:3], tf.float32)
-    outputs["detection_boxes"] = ops.mask_boxes(outputs["detection_masks"]) / tf.tile(size, [2])
-    outputs["detection_masks"] = tf.cast(outputs["detection_masks"], tf.uint8)
+    outputs["detection_boxes"] /= tf.tile(size, [2])
     return outputs
 
 
-def _detect_one_by_one(model, images, sizes, taus, config):
+def _detect_one_by_one(model, images, sizes, taus, config, dense_masks):
     batch = tf.shape(images)[0]
     full_size = tf.shape(images)[1:3]
     arrays = {key: tf.TensorArray(dtype, size=batch, element_shape=shape) for key, dtype, shape
@@ -120,14 +121,17 @@ def _detect_one_by_one(model, images, sizes, taus, config):
                   ("detection_boxes", tf.float32, [config.num_seeds, 4]),
                   ("detection_classes", tf.int32, [config.num_seeds]),
                   ("detection_scores", tf.float32, [config.num_seeds]),
-                  ("instance_map", tf.int32, [None, None]))}
+                  ("instance_map", tf.int32, [None, None]))
+              if dense_masks or key != "detection_masks"}
 
     def step(i, arrays):
         size = sizes[i]
-        outputs = _detect_together(model, images[i:i + 1, :size[0], :size[1]], taus, config)
+        outputs = _detect_together(model, images[i:i + 1, :size[0], :size[1]], taus, config,
+                                   dense_masks)
         pad = full_size - size
-        outputs["detection_masks"] = tf.pad(outputs["detection_masks"],
-                                            [[0, 0], [0, 0], [0, pad[0]], [0, pad[1]]])
+        if dense_masks:
+            outputs["detection_masks"] = tf.pad(outputs["detection_masks"],
+                                                [[0, 0], [0, 0], [0, pad[0]], [0, pad[1]]])
         outputs["instance_map"] = tf.pad(outputs["instance_map"],
                                          [[0, 0], [0, pad[0]], [0, pad[1]]])
         return i + 1, {key: arrays[key].write(i, outputs[key][0]) for key in arrays}
@@ -156,19 +160,19 @@ class ServingFunctions:
         network = network_function(model)
 
         # Explicit tf ops everywhere: ExportArchive traces without AutoGraph anyway.
-        @tf.function(autograph=False)
-        def from_bytes(image_bytes):
+        def from_bytes(image_bytes, dense_masks):
             images, sizes = decode_images(image_bytes, max_image_pixels, BYTES_INPUT)
-            return batch_detections(network, images, sizes, taus, config)
+            return batch_detections(network, images, sizes, taus, config,
+                                    dense_masks=dense_masks)
 
         @tf.function(autograph=False)
         def serving_default(image_bytes):
-            outputs = from_bytes(image_bytes)
+            outputs = from_bytes(image_bytes, dense_masks=True)
             return {key: outputs[key] for key in DENSE_OUTPUTS}
 
         @tf.function(autograph=False)
         def serving_compact(image_bytes):
-            outputs = from_bytes(image_bytes)
+            outputs = from_bytes(image_bytes, dense_masks=False)
             return {key: outputs[key] for key in COMPACT_OUTPUTS}
 
         @tf.function(autograph=False)

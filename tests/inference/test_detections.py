@@ -196,7 +196,8 @@ def test_predict_instances_instance_map_is_the_best_covering_mask(numpy_inferenc
     embeddings, logits = numpy_inference.random_inputs(rng, batch=2, h=8, w=8, d=3)
     embeddings *= 1.0
     config = inference.InferenceConfig(num_seeds=12, score_threshold=0.95)
-    out = to_numpy(inference.predict_instances(embeddings, logits, (20, 28), TAUS, config))
+    out = to_numpy(inference.predict_instances(embeddings, logits, (24, 32), TAUS, config,
+                                               crop_size=(20, 28)))
     masks, scores, counts = out["detection_masks"], out["detection_scores"], out["num_detections"]
     assert out["instance_map"].dtype == np.int32 and out["instance_map"].shape == (2, 20, 28)
     for b in range(2):
@@ -265,11 +266,15 @@ def test_jit_compiled_equals_plain(numpy_inference):
     config = inference.InferenceConfig(num_seeds=16, nms_iou_threshold=0.5,
                                        support_rescoring=4.0)
 
-    def run(e, l):
-        return inference.predict_instances(e, l, (24, 36), TAUS, config)
+    def run(e, l, jit_compile):
+        size = tf.constant([24, 36])
+        return inference.predict_from_outputs(
+            {"embeddings": e, "class_logits": l}, size, size, TAUS,
+            dataclasses.replace(config, jit_compile=jit_compile))
 
-    plain = to_numpy(tf.function(run)(embeddings, logits))
-    jitted = to_numpy(tf.function(run, jit_compile=True)(embeddings, logits))
+    plain = to_numpy(tf.function(run)(embeddings, logits, False))
+    jitted = to_numpy(tf.function(run)(embeddings, logits, True))
+    assert plain.keys() >= {"detection_masks", "detection_boxes", "instance_map"}
     for key in plain:
         if plain[key].dtype == np.float32:
             np.testing.assert_allclose(jitted[key], plain[key], rtol=1e-5, atol=1e-6)

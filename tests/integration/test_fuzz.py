@@ -52,20 +52,24 @@ def heads_outputs(draw):
         num_seeds=draw(st.integers(1, 12)), alpha=draw(st.floats(0.0, 3.0)),
         score_threshold=draw(st.sampled_from([0.0, 0.0, 0.3, 1.0])),
         nms_iou_threshold=draw(st.sampled_from([None, None, 0.0, 0.5, 1.0])))
-    image_size = (draw(st.integers(1, 20)), draw(st.integers(1, 20)))
-    return embeddings, logits, image_size, taus, config
+    # Masks are drawn at a whole stride per axis, then cropped (as the predictor pads).
+    image_size = (height * draw(st.integers(1, 4)), width * draw(st.integers(1, 4)))
+    crop_size = draw(st.one_of(st.none(), st.tuples(st.integers(1, image_size[0]),
+                                                    st.integers(1, image_size[1]))))
+    return embeddings, logits, image_size, crop_size, taus, config
 
 
 @FUZZ
 @given(heads_outputs())
 def test_predict_instances_outputs_keep_their_contract(case):
-    embeddings, logits, image_size, taus, config = case
+    embeddings, logits, image_size, crop_size, taus, config = case
     batch, height, width = embeddings.shape[:3]
     num_classes = logits.shape[-1] - 1
     k = config.num_seeds
     out = {key: v.numpy() for key, v in inference.predict_instances(
-        tf.constant(embeddings), tf.constant(logits), image_size, taus, config).items()}
-    big_h, big_w = image_size
+        tf.constant(embeddings), tf.constant(logits), image_size, taus, config,
+        crop_size=crop_size).items()}
+    big_h, big_w = crop_size or image_size
     assert out["detection_masks"].shape == (batch, k, big_h, big_w)
     assert out["detection_masks"].dtype == bool
     assert out["instance_map"].shape == (batch, big_h, big_w)
@@ -98,6 +102,11 @@ def test_predict_instances_outputs_keep_their_contract(case):
         np.testing.assert_array_equal(instance_map > 0, covered)
         np.testing.assert_array_equal(instance_map[covered],
                                       np.argmax(masks, axis=0)[covered] + 1)
+        for mask, box in zip(masks, out["detection_boxes"][b]):
+            rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            want = ([rows[0], columns[0], rows[-1] + 1, columns[-1] + 1] if mask.any()
+                    else [0, 0, 0, 0])
+            np.testing.assert_array_equal(box, want)
 
 
 @FUZZ
