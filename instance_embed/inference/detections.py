@@ -238,14 +238,12 @@ def draw_detections(detections: dict[str, tf.Tensor], image_size, config: Infere
             raise ValueError('InferenceConfig.mask_upsampling="joint_bilateral" needs the '
                              "images: pass images= to predict_instances")
         images = checks.as_float(images, "images", rank=4)
-        tables, cells = bilateral.bilateral_tables(images, tf.shape(low_res_masks)[2:4],
-                                                   config.bilateral_sigma)
-        masks, instance_map = bilateral.masks_and_instance_map(
-            low_res_masks, image_size,
-            lambda mask: bilateral.draw_mask(mask, tables, cells, image_size))
-        masks = masks[:, :, :crop_size[0], :crop_size[1]]
+        planes = bilateral.bilateral_planes(images, tf.shape(low_res_masks)[2:4],
+                                            config.bilateral_sigma)
+        patterns = upsampling.dual_patterns(low_res_masks)
+        masks = bilateral.draw_masks(patterns, planes, crop_size)
         outputs["detection_boxes"] = mask_boxes(masks)
-        outputs["instance_map"] = instance_map[:, :crop_size[0], :crop_size[1]]
+        outputs["instance_map"] = bilateral.instance_map(patterns, planes, crop_size)
         if dense_masks:
             outputs["detection_masks"] = tf.cast(masks, mask_dtype)
     else:
@@ -253,8 +251,7 @@ def draw_detections(detections: dict[str, tf.Tensor], image_size, config: Infere
         tables = upsampling.BilinearTables.build(stride, mask_dtype)
         outputs["detection_boxes"] = boxes_from_projections(
             *upsampling.mask_projections(codes, tables, crop_size))
-        outputs["instance_map"] = upsampling.instance_map(low_res_masks, stride, crop_size,
-                                                          max_masks=num_slots)
+        outputs["instance_map"] = upsampling.instance_map(low_res_masks, stride, crop_size)
         if dense_masks:
             outputs["detection_masks"] = upsampling.draw_masks(codes, tables, crop_size)
     for key in ("detection_boxes", "detection_masks"):

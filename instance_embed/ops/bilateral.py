@@ -12,19 +12,19 @@ instead of the cell grid: thin bars and ring walls one or two cells wide get the
 width. This is the same use of colour that DeepLab's dense CRF makes, at the cost of a
 per-pixel table. `sigma -> inf` gives the bilinear masks of `ops.upsampling`.
 
-Since masks are binary, the answer at x is a function of four bits. `bilateral_tables`
-computes once per image, for every pixel, the 16 answers as the bits of an int32 (bit
-p is the answer when the four cells' mask values are the bits of p); drawing one mask
-(`draw_mask`) is then a 4-bit pattern per cell at the heads' resolution, one gather to
-the input resolution and a shift. `masks_and_instance_map` draws the K masks of an
-image one after another and builds the instance map.
+Since masks are binary, the answer at x is a function of four bits: the pattern of its
+dual cell (`upsampling.dual_patterns`). `bilateral_planes` computes once per image, for
+every pixel, the answers for all 16 patterns, laid out by dual cell so that drawing K
+masks (`draw_masks`) is one gather of s-pixel rows, as for bilinear masks; the
+instance map (`instance_map`) takes, per pixel, the first mask over the patterns that
+cover it.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import tensorflow as tf
+
+from instance_embed.ops import upsampling
 
 
 def interpolation(in_size, out_size) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -59,9 +59,8 @@ def cell_mean_colours(images: tf.Tensor, heads_size) -> tf.Tensor:
     return tf.reduce_mean(cells, axis=[2, 4])
 
 
-def bilateral_tables(images: tf.Tensor, heads_size, sigma: float | tf.Tensor
-                     ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Per-pixel answer tables of joint bilateral upsampling, and each pixel's dual cell.
+def bilateral_planes(images: tf.Tensor, heads_size, sigma: float | tf.Tensor) -> tf.Tensor:
+    """Every pixel's answers for the 16 patterns of its dual cell, laid out by dual cell.
 
     Args:
       images: `[B, H, W, 3]` RGB in [0, 255] (uint8 or float), H and W multiples of the
@@ -71,11 +70,10 @@ def bilateral_tables(images: tf.Tensor, heads_size, sigma: float | tf.Tensor
         exp(-1/2) of the closest cell's.
 
     Returns:
-      (tables int32 `[B, H * W]`: bit p of pixel x's entry says whether x is in a mask
-       whose four surrounding cells (low-low, low-high, high-low, high-high, as bits
-       0..3) hold the bits of p;
-       cells int32 `[H * W]`: the flattened index `low_row * w + low_col` of each
-       pixel's dual cell).
+      bool `[B, h + 1, sy, w + 1, 16, sx]`: pixel (i, j) of dual cell (a, b) of
+      `upsampling.dual_patterns` is in a mask whose dual-cell pattern there is p.
+      The grid starts s - s // 2 pixels before the image (as `upsampling`'s); pixels
+      outside the image answer False.
     """
     images = tf.cast(images, tf.float32)
     shape = tf.shape(images)
@@ -100,68 +98,62 @@ def bilateral_tables(images: tf.Tensor, heads_size, sigma: float | tf.Tensor
     # weights sum to 1), but keep the division safe.
     weights = weights / tf.maximum(tf.reduce_sum(weights, axis=-1, keepdims=True), 1e-30)
 
-    patterns = tf.range(16)
-    bits = tf.cast(tf.bitwise.bitwise_and(
-        tf.bitwise.right_shift(patterns[:, None], tf.range(4)[None, :]), 1), tf.float32)
-    inside = tf.linalg.matmul(weights, bits, transpose_b=True) >= 0.5  # [B, H, W, 16]
-    tables = tf.reduce_sum(tf.where(inside, tf.bitwise.left_shift(1, patterns), 0), axis=-1)
-    cells = row_low[:, None] * w + col_low[None, :]  # [H, W]
-    return (tf.reshape(tables, tf.stack([shape[0], height * width])),
-            tf.reshape(cells, [-1]))
+    # Into the dual-cell grid (zero weights outside the image). A pixel's low cell is
+    # its dual cell's top-left one; at the image's edges, where the grid replicates the
+    # edge cells, the pixel's other cells have zero weight, so the answers agree.
+    sy, sx = height // h, width // w
+    top, left = sy - sy // 2, sx - sx // 2
+    weights = tf.pad(weights, [[0, 0], [top, sy // 2], [left, sx // 2], [0, 0]])
+    weights = tf.reshape(weights, tf.stack([shape[0], (h + 1) * sy, w + 1, sx, 4]))
+    # The vote of pattern p sums the weights of its bits, in bit order.
+    votes = [tf.zeros_like(weights[..., 0])]
+    for corner in range(4):
+        votes += [vote + weights[..., corner] for vote in votes]
+    inside = tf.stack(votes, axis=-2) >= 0.5  # [B, (h + 1) sy, w + 1, 16, sx]
+    return tf.reshape(inside, tf.stack([shape[0], h + 1, sy, w + 1, 16, sx]))
 
 
-def draw_mask(mask: tf.Tensor, tables: tf.Tensor, cells: tf.Tensor, size) -> tf.Tensor:
-    """One heads-resolution mask per image at the input resolution, from the tables.
-
-    Args:
-      mask: bool `[B, h, w]`.
-      tables, cells: from `bilateral_tables` for the same images.
-      size: (H, W).
-
-    Returns:
-      bool `[B, H, W]`.
-    """
-    bits = tf.cast(mask, tf.int32)
-    right = tf.concat([bits[:, :, 1:], bits[:, :, -1:]], axis=2)  # cell (i, min(j + 1, w - 1))
-    below = tf.concat([bits[:, 1:], bits[:, -1:]], axis=1)
-    below_right = tf.concat([right[:, 1:], right[:, -1:]], axis=1)
-    pattern = bits + 2 * right + 4 * below + 8 * below_right  # [B, h, w] in 0..15
-    shape = tf.shape(mask)
-    pattern = tf.gather(tf.reshape(pattern, tf.stack([shape[0], shape[1] * shape[2]])),
-                        cells, axis=1)  # [B, H * W]
-    inside = tf.bitwise.bitwise_and(tf.bitwise.right_shift(tables, pattern), 1) > 0
-    return tf.reshape(inside, tf.stack([shape[0], size[0], size[1]]))
-
-
-def masks_and_instance_map(low_res_masks: tf.Tensor, size,
-                           draw: Callable[[tf.Tensor], tf.Tensor]
-                           ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Masks at `size = (H, W)` drawn one at a time by `draw`, and the instance map.
-
-    One mask at a time, last to first, in a loop: the instance map is the mask index
-    written last, i.e. the first (highest-scored) covering mask.
+def draw_masks(patterns: tf.Tensor, planes: tf.Tensor, crop_size: tf.Tensor,
+               dtype: tf.DType = tf.bool) -> tf.Tensor:
+    """Masks at the input resolution from their dual-cell patterns: one gather.
 
     Args:
-      low_res_masks: bool [batch, K, h, w], K >= 1, in detection order.
-      size: (H, W), ints or int32 tensors.
-      draw: `bool [batch, h, w] -> bool [batch, H, W]`, one mask at the input
-        resolution (`draw_mask` with the image's tables).
+      patterns: int32 `[B, K, h + 1, w + 1]` from `upsampling.dual_patterns`.
+      planes: from `bilateral_planes` for the same images.
+      crop_size: int32 `[2]`, (H', W') <= (H, W): the top-left part drawn.
+      dtype: tf.bool or tf.uint8.
 
     Returns:
-      (bool [batch, K, H, W], int32 [batch, H, W] with 1-based detection indices).
+      `[B, K, H', W']` of `dtype`.
     """
-    shape = tf.shape(low_res_masks)
-    instance_map = tf.zeros(tf.stack([shape[0], size[0], size[1]]), tf.int32)
+    shape = tf.shape(planes)  # [B, h + 1, sy, w + 1, 16, sx]
+    rows = tf.reshape(tf.cast(planes, dtype), tf.stack([-1, shape[5]]))
+    first_row = tf.reshape(tf.range(shape[0] * shape[1] * shape[2] * shape[3]) * 16,
+                           shape[:4])  # [B, h + 1, sy, w + 1]
+    index = first_row[:, None] + patterns[:, :, :, None, :]  # [B, K, h + 1, sy, w + 1]
+    count = tf.shape(patterns)[1]
+    index = tf.reshape(index, tf.stack([shape[0], count, shape[1] * shape[2], shape[3]]))
+    top, left = shape[2] - shape[2] // 2, shape[5] - shape[5] // 2
+    pixels = tf.gather(rows, index[:, :, top:top + crop_size[0]])  # [B, K, H', w + 1, sx]
+    pixels = tf.reshape(pixels, tf.stack([shape[0], count, crop_size[0], shape[3] * shape[5]]))
+    return pixels[..., left:left + crop_size[1]]
 
-    def step(k, masks, instance_map):
-        mask = draw(tf.gather(low_res_masks, k, axis=1))
-        return k - 1, masks.write(k, mask), tf.where(mask, k + 1, instance_map)
 
-    masks = tf.TensorArray(tf.bool, size=shape[1], element_shape=instance_map.shape)
-    _, masks, instance_map = tf.while_loop(
-        lambda k, *_: k >= 0, step, (shape[1] - 1, masks, instance_map))
-    # [K, B, H, W] -> [B, K, H, W] as a gather of rows k * B + b: oneDNN's Transpose
-    # logs an ERROR line for boolean and 8-bit tensors (TF 2.21).
-    stacked = tf.reshape(masks.stack(), tf.concat([[-1], tf.shape(instance_map)[1:]], 0))
-    order = tf.range(shape[1])[tf.newaxis] * shape[0] + tf.range(shape[0])[:, tf.newaxis]
-    return tf.gather(stacked, order), instance_map
+def instance_map(patterns: tf.Tensor, planes: tf.Tensor, crop_size: tf.Tensor) -> tf.Tensor:
+    """For each pixel, 1 + the index of the first mask covering it once drawn (0: none).
+
+    Args:
+      patterns: int32 `[B, K, h + 1, w + 1]` in detection order.
+      planes: from `bilateral_planes`.
+      crop_size: int32 `[2]`, (H', W').
+
+    Returns:
+      int32 `[B, H', W']`.
+    """
+    first = upsampling.first_mask_per_pattern(patterns)  # [B, h + 1, w + 1, 16]
+    best = tf.reduce_max(first[:, :, None, :, :, None] * tf.cast(planes, tf.float32), axis=4)
+    shape = tf.shape(best)  # [B, h + 1, sy, w + 1, sx]
+    best = tf.reshape(best, tf.stack([shape[0], shape[1] * shape[2], shape[3] * shape[4]]))
+    top, left = shape[2] - shape[2] // 2, shape[4] - shape[4] // 2
+    best = tf.cast(best[:, top:top + crop_size[0], left:left + crop_size[1]], tf.int32)
+    return tf.where(best > 0, tf.shape(patterns)[1] + 1 - best, 0)

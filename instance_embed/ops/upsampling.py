@@ -26,7 +26,7 @@ exactly 1/2 counts as inside. With the same stride on both axes (the network's) 
 is exactly 1/2 (the weights are odd multiples of 1/(2s), or multiples of 1/s for odd s),
 so the masks are those of `tf.image.resize` + `>= 0.5` bit for bit; with different
 strides a float resize may split such ties either way. tests/ops/test_upsampling.py
-checks both, and the ops under XLA.
+checks both.
 """
 
 from __future__ import annotations
@@ -213,8 +213,8 @@ def dual_patterns(masks: tf.Tensor) -> tf.Tensor:
             + 8 * bits[..., 1:, 1:])
 
 
-def _dual_table(stride: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
-    """0/1 `[sy, 16, sx]`: pixel (i, j) of a dual cell with pattern p is in the mask.
+def _dual_table(stride: tf.Tensor) -> tf.Tensor:
+    """bool `[16, sy * sx]`: pixel (i, j) of a dual cell with pattern p is in the mask.
 
     A dual cell's pixels start s // 2 pixels before its bottom-right cell, so pixel i
     lies (2 (i + s // 2) + 1 - s) / (2s) cells below the top-left centre.
@@ -226,44 +226,59 @@ def _dual_table(stride: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
                                 tf.zeros(stride[1:2], tf.int32), weights(stride[1]), stride,
                                 tf.reshape(_bits(tf.range(_DUAL_PATTERNS), 4),
                                            [_DUAL_PATTERNS, 2, 2]))  # [16, sy, sx]
-    return tf.cast(tf.transpose(margins, [1, 0, 2]) >= 0, dtype)
+    return tf.reshape(margins >= 0, [_DUAL_PATTERNS, -1])
 
 
-def instance_map(masks: tf.Tensor, stride: tf.Tensor, crop_size: tf.Tensor,
-                 max_masks: int | None = None) -> tf.Tensor:
+def first_mask_per_pattern(patterns: tf.Tensor) -> tf.Tensor:
+    """float32 `[B, h + 1, w + 1, 16]`: K - k for the first mask k with each pattern in
+    each dual cell, 0 if none; from `dual_patterns` `[B, K, h + 1, w + 1]`.
+
+    float32: exact integers, and its reductions are the vectorised ones.
+    """
+    num_masks = tf.shape(patterns)[1]
+    weights = tf.cast(num_masks - tf.range(num_masks), tf.float32)[None, :, None, None, None]
+    return tf.reduce_max(tf.one_hot(patterns, _DUAL_PATTERNS) * weights, axis=1)
+
+
+def instance_map(masks: tf.Tensor, stride: tf.Tensor, crop_size: tf.Tensor) -> tf.Tensor:
     """For each pixel, 1 + the index of the first mask covering it once drawn (0: none).
 
     Equal to the first-covering index over `draw_masks`' output, without drawing:
     per dual cell and pattern, the first mask having that pattern there (a max of
     weights K - k over the masks), then per pixel the first over the patterns that
-    cover it.
+    cover it. Plain TF only (`tf.unique`).
 
     Args:
       masks: bool `[B, K, h, w]`, in detection order; empty for invalid detections.
       stride: int32 `[2]`.
       crop_size: int32 `[2]`, (H', W') <= (h * sy, w * sx).
-      max_masks: a bound on K when `masks`' static shape has none.
 
     Returns:
       int32 `[B, H', W']`.
     """
     num_masks = tf.shape(masks)[1]
-    # Weights K - k: uint8 is exact up to 255 masks and a quarter of the memory.
-    bound = masks.shape[1] or max_masks
-    dtype = tf.uint8 if bound is not None and bound <= 255 else tf.int32
-    patterns = dual_patterns(masks)  # [B, K, h + 1, w + 1]
-    weights = tf.cast(num_masks - tf.range(num_masks), dtype)[None, :, None, None, None]
-    present = tf.cast(tf.equal(patterns[..., None], tf.range(_DUAL_PATTERNS)), dtype)
-    first = tf.reduce_max(present * weights, axis=1)  # [B, h + 1, w + 1, 16]
-    # Per pixel (i, j) of each dual cell, the best over the patterns that cover it,
-    # laid out [B, h + 1, sy, w + 1, sx] by the broadcast itself (no transpose: grappler
-    # would move a cast across it and transpose a type oneDNN refuses).
-    table = _dual_table(stride, dtype)  # [sy, 16, sx]
-    best = tf.reduce_max(first[:, :, None, :, :, None] * table[:, None], axis=4)
-    shape = tf.shape(best)
-    best = tf.reshape(best, tf.stack([shape[0], shape[1] * shape[2], shape[3] * shape[4]]))
+    first = first_mask_per_pattern(dual_patterns(masks))  # [B, h + 1, w + 1, 16]
+    # The pixels of a dual cell fall in a few classes by the patterns that cover them
+    # (their columns of the table): the best of each class, then each pixel selects its
+    # class's by a product with a one-hot matrix (exact in float32: one term per sum).
+    covers = _dual_table(stride)  # [16, sy * sx]
+    signatures = tf.reduce_sum(
+        tf.where(covers, tf.bitwise.left_shift(1, tf.range(_DUAL_PATTERNS))[:, None], 0), axis=0)
+    classes, pixel_class = tf.unique(signatures)  # [C], [sy * sx]
+    class_covers = tf.bitwise.bitwise_and(
+        tf.bitwise.right_shift(classes, tf.range(_DUAL_PATTERNS)[:, None]), 1)  # [16, C]
+    best = tf.reduce_max(first[..., None] * tf.cast(class_covers, tf.float32), axis=3)
+    shape = tf.shape(best)  # [B, h + 1, w + 1, C]
+    select = tf.one_hot(pixel_class, shape[3])  # [sy * sx, C]
+    best = tf.matmul(tf.reshape(best, tf.stack([-1, shape[3]])), select, transpose_b=True)
+    # [B, h + 1, w + 1, sy, sx] -> [B, (h + 1) sy, (w + 1) sx], in float (see
+    # `_bilinear_margins`).
+    sy, sx = stride[0], stride[1]
+    best = tf.transpose(tf.reshape(best, tf.stack([shape[0], shape[1], shape[2], sy, sx])),
+                        [0, 1, 3, 2, 4])
+    best = tf.reshape(best, tf.stack([shape[0], shape[1] * sy, shape[2] * sx]))
     # The dual grid starts s - s // 2 pixels before the image (see `_dual_table`).
-    start_y, start_x = stride[0] - stride[0] // 2, stride[1] - stride[1] // 2
+    start_y, start_x = sy - sy // 2, sx - sx // 2
     best = tf.cast(best[:, start_y:start_y + crop_size[0], start_x:start_x + crop_size[1]],
                    tf.int32)
     return tf.where(best > 0, num_masks + 1 - best, 0)

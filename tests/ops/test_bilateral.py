@@ -10,6 +10,7 @@ from instance_embed import inference
 from instance_embed.model.config import PAPER_TAUS as TAUS
 from instance_embed.ops import masks
 from instance_embed.ops import bilateral
+from instance_embed.ops import upsampling
 
 
 def np_joint_bilateral(mask, image, sigma):
@@ -44,10 +45,9 @@ def np_joint_bilateral(mask, image, sigma):
 
 
 def _draw(mask, image, sigma):
-    tables, cells = bilateral.bilateral_tables(
-        tf.constant(image[None], tf.float32), mask.shape, sigma)
-    return bilateral.draw_mask(tf.constant(mask[None]), tables, cells,
-                                     image.shape[:2]).numpy()[0]
+    planes = bilateral.bilateral_planes(tf.constant(image[None], tf.float32), mask.shape, sigma)
+    patterns = upsampling.dual_patterns(tf.constant(mask[None, None]))
+    return bilateral.draw_masks(patterns, planes, tf.constant(image.shape[:2])).numpy()[0, 0]
 
 
 @pytest.mark.parametrize("seed, stride, sigma", [(0, 4, 10.0), (1, 4, 40.0), (2, 8, 25.0),
@@ -179,3 +179,27 @@ def test_joint_bilateral_needs_the_images_and_valid_settings():
     for sigma in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="bilateral_sigma"):
             inference.InferenceConfig(bilateral_sigma=sigma)
+
+
+@pytest.mark.parametrize("crop", [(32, 40), (29, 33), (1, 1)])
+def test_instance_map_and_boxes_follow_the_drawn_masks(crop):
+    rng = np.random.default_rng(8)
+    embeddings, logits = _clustered(rng)
+    images = rng.uniform(0, 255, (2, 32, 40, 3)).astype(np.float32)
+    config = inference.InferenceConfig(num_seeds=12, mask_upsampling="joint_bilateral",
+                                       bilateral_sigma=20.0)
+    out = inference.predict_instances(embeddings, logits, (32, 40), TAUS, config,
+                                      images=images, crop_size=crop)
+    drawn = out["detection_masks"].numpy()
+    assert drawn.shape == (2, 12) + crop
+    covered = drawn.any(axis=1)
+    want = np.where(covered, drawn.argmax(axis=1) + 1, 0)
+    np.testing.assert_array_equal(out["instance_map"].numpy(), want)
+    np.testing.assert_array_equal(out["detection_boxes"].numpy(),
+                                  masks.mask_boxes(drawn).numpy())
+    whole = inference.predict_instances(embeddings, logits, (32, 40), TAUS, config,
+                                        images=images)
+    np.testing.assert_array_equal(drawn, whole["detection_masks"].numpy()[..., :crop[0],
+                                                                          :crop[1]])
+    if crop == (32, 40):
+        assert covered.any() and not covered.all()
