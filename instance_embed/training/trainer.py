@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -197,10 +198,11 @@ def train(config: configs.ExperimentConfig, model_dir: str,
           strategy: tf.distribute.Strategy | None = None) -> dict:
     """Trains (or resumes) a run; returns the final losses and, if evaluated, metrics.
 
-    A SIGTERM or SIGINT received while training (not multi-worker) ends the current step,
-    writes a checkpoint at it and returns with the signal under "signal"; called again,
-    the run resumes there and continues the same data stream, so it ends with the
-    weights of an uninterrupted run (given op determinism).
+    A SIGTERM or SIGINT received while training ends the current step, writes a
+    checkpoint at it and returns with the signal under "signal" (multi-worker: a
+    SIGTERM to any worker, and every worker checkpoints at the same step); called
+    again, the run resumes there and continues the same data stream, so it ends with
+    the weights of an uninterrupted run (given op determinism).
 
     Args:
       config: the run's configuration.
@@ -266,13 +268,18 @@ def train(config: configs.ExperimentConfig, model_dir: str,
 
     end_step = end_of_call()
     # SIGTERM or SIGINT (a preempted VM, a scheduler, Ctrl-C) ends the step under way,
-    # then the run checkpoints and returns. Multi-worker runs are left to the cluster:
-    # one worker stopping alone would leave the others waiting in a collective.
-    stop = StopSignals() if tc.strategy != "multi_worker_mirrored" else StopSignals(())
-    with stop:
+    # then the run checkpoints and returns. On multi-worker, one worker stopping alone
+    # would leave the others waiting in a collective: a SIGTERM to any worker makes all
+    # of them checkpoint at one step and return (WorkerPreemption).
+    multi_worker = tc.strategy == "multi_worker_mirrored"
+    stop = StopSignals(()) if multi_worker else StopSignals()
+    preemption = WorkerPreemption(strategy, run.manager) if multi_worker else None
+    with stop, preemption or contextlib.nullcontext():
         while int(run.step.numpy()) < end_step and stop.received is None:
             values = train_step(iterator)
             current = int(run.step.numpy())
+            if preemption is not None and preemption.checkpoint_if_preempted(current):
+                stop.received = signal.SIGTERM
             if planner is not None and planner.active:
                 revision = planner.after_step(current, total_steps)
                 if revision is not None:
@@ -327,6 +334,51 @@ def train(config: configs.ExperimentConfig, model_dir: str,
                  {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(
                      config.model.mixed_precision, "float32"))
     return {"step": step, "losses": last, "metrics": metrics}
+
+
+class _Preempted(Exception):
+    """Raised by `WorkerPreemption`'s exit function, after the cluster's checkpoint."""
+
+
+class WorkerPreemption:
+    """SIGTERM on any worker of a multi-worker run: every worker checkpoints at one step.
+
+    `tf.distribute.experimental.PreemptionCheckpointHandler` watches for SIGTERM on
+    each worker and agrees on the step to save at through the cluster's coordination
+    service. Instead of exiting the process there, its exit function returns control,
+    so that the run closes its files and reports like a single-worker one. A context
+    manager: the SIGTERM handler and the watcher threads go when it closes.
+    """
+
+    def __init__(self, strategy, manager: tf.train.CheckpointManager):
+        self._strategy = strategy
+        self._manager = manager
+        self._handler = None
+        self._previous = None
+
+    def __enter__(self) -> "WorkerPreemption":
+        def leave():
+            raise _Preempted()
+
+        self._previous = signal.getsignal(signal.SIGTERM)
+        self._handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+            self._strategy.cluster_resolver, self._manager,
+            termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=leave))
+        return self
+
+    def checkpoint_if_preempted(self, step: int) -> bool:
+        """Called after every step; True once the cluster's checkpoint at `step` (the
+        same on every worker) is written and the run should stop."""
+        try:
+            self._handler.save_checkpoint_if_preempted(checkpoint_number=step)
+        except _Preempted:
+            return True
+        return False
+
+    def __exit__(self, *exc_info) -> None:
+        self._handler = None  # its watcher threads stop as it is collected
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class StopSignals:
