@@ -7,10 +7,10 @@ seeds, this times:
 - ours: `inference.heads_resolution_detections` (`seediness`, `select_seeds`,
   `seed_classes_and_scores` and `grow_masks` sharing the centred embeddings, and the
   detections sorted by score) in one `tf.function`, plain and with `jit_compile=True`;
-- ours, the whole `predict_instances` (softmax, sorting, masks resized to 512 x 512 and
-  the instance map), the part the exported model runs after the network, with
-  bilinear masks (the default) and with joint bilateral masks (on a synthetic image
-  whose colours follow the instances);
+- ours, the whole `predict_instances` (softmax, sorting, masks drawn at 512 x 512, boxes
+  and the instance map), the part the exported model runs after the network, with
+  bilinear masks (the default; also with `InferenceConfig.jit_compile`) and with joint
+  bilateral masks (on a synthetic image whose colours follow the instances);
 - the same algorithm written straightforwardly in NumPy (per-step vectorised greedy
   loop, masks from one matmul), checked to pick the same seeds;
 - the grouping used by the discriminative-loss family of methods on the same
@@ -142,11 +142,17 @@ def make_ours(config, jit):
 
 
 def make_full(config, jit):
-    def predict(embeddings, class_logits, images=None):
-        return inference.predict_instances(
-            embeddings, class_logits, (IMAGE_SIZE, IMAGE_SIZE), TAUS, config, images=images)
+    """`predict_instances` as the exported model runs it (`jit`: with
+    `InferenceConfig.jit_compile`, the heads-resolution part under XLA)."""
+    config = dataclasses.replace(config, jit_compile=jit)
+    size = tf.constant([IMAGE_SIZE, IMAGE_SIZE])
 
-    return tf.function(predict, jit_compile=jit, autograph=False)
+    def predict(embeddings, class_logits, images=None):
+        return inference.predict_from_outputs(
+            {"embeddings": embeddings, "class_logits": class_logits}, size, size, TAUS,
+            config, images)
+
+    return tf.function(predict, autograph=False)
 
 
 def make_image(rng, labels):
@@ -202,7 +208,8 @@ def run(size, dim, config, repeats, with_sklearn, rng):
     for jit in (False, True):
         fn = make_full(config, jit)
         seconds = time_it(lambda: {k: v.numpy() for k, v in fn(e_tf, l_tf).items()}, repeats)
-        name = f"ours, predict_instances to {IMAGE_SIZE}x{IMAGE_SIZE}" + (", XLA" if jit else "")
+        name = (f"ours, predict_instances to {IMAGE_SIZE}x{IMAGE_SIZE}"
+                + (", jit_compile" if jit else ""))
         rows.append((name, seconds, "", config.num_seeds))
     # Joint bilateral drawing of the full-resolution masks (plain graph, as exported).
     bilateral = make_full(dataclasses.replace(config, mask_upsampling="joint_bilateral"), False)
