@@ -47,12 +47,6 @@ import timing  # benchmarks/timing.py
 SIZE = 512
 
 
-def best_and_median(fn, repeats, warmup=3):
-    """(best, median) wall time in ms of `fn()` after `warmup` calls."""
-    times = timing.wall_times(fn, repeats, warmup)
-    return 1e3 * min(times), 1e3 * float(np.median(times))
-
-
 def test_image(path=None):
     """A 512 x 512 image (`path` resized, or smooth colour blobs), and as JPEG and PNG."""
     if path:
@@ -104,7 +98,8 @@ def main():
     pixels = tf.constant(image[None])
 
     network = inference.network_function(model)
-    outputs = network(tf.cast(pixels, tf.float32))
+    float_pixels = tf.cast(pixels, tf.float32)
+    outputs = network(float_pixels)
     embeddings, logits = outputs["embeddings"], outputs["class_logits"]
     infer = config.inference
 
@@ -115,9 +110,9 @@ def main():
         return detections["masks"]
 
     @tf.function
-    def full_postprocess(embeddings, logits):
+    def full_postprocess(embeddings, logits, images):
         return inference.predict_instances(embeddings, logits, (SIZE, SIZE), model_config.taus,
-                                           infer)
+                                           infer, images=images)
 
     def signature(export, name, **inputs):
         return lambda: export.signatures[name](**inputs)["instance_map_png_bytes"].numpy()
@@ -138,7 +133,7 @@ def main():
             compiled["joint_bilateral"], serving.SERVING_DEFAULT, **jpeg)),
         (network_row, lambda: network(tf.cast(pixels, tf.float32))["embeddings"].numpy()),
         ("predict_instances (all post-processing)",
-         lambda: full_postprocess(embeddings, logits)["instance_map"].numpy()),
+         lambda: full_postprocess(embeddings, logits, float_pixels)["instance_map"].numpy()),
         ("seediness + seeds + masks at heads res.",
          lambda: heads_postprocess(embeddings, logits).numpy()),
     ]

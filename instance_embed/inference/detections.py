@@ -117,8 +117,9 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
     labels were sampled for training. (Resizing the signed margins instead shrinks every
     mask: the margin inside is at most log(2 / tau - 1) while outside it falls to minus
     the squared distance between instances, so the zero crossing sits next to the
-    inside pixel.) The boxes and the instance map come from the heads-resolution masks
-    directly, so `dense_masks=False` skips the `[B, K, H, W]` output altogether.
+    inside pixel.) With bilinear masks the boxes and the instance map come from the
+    heads-resolution masks directly, so `dense_masks=False` skips the `[B, K, H, W]`
+    output altogether (joint bilateral boxes still need the drawn masks).
 
     Detections below `config.score_threshold`, suppressed as near-duplicates, or coming
     from a missing seed (-1, when K exceeds the pixels that may seed) are invalid: they
@@ -231,13 +232,15 @@ def draw_detections(detections: dict[str, tf.Tensor], image_size, config: Infere
     # least one, empty if need be: no zero-size loops.)
     num_slots = low_res_masks.shape[1]
     drawn = tf.maximum(tf.reduce_max(tf.reduce_sum(tf.cast(keep, tf.int32), axis=1)), 1)
-    keep, low_res_masks = keep[:, :drawn], low_res_masks[:, :drawn]
+    low_res_masks = low_res_masks[:, :drawn]
     outputs = {}
     if config.mask_upsampling == "joint_bilateral":
         if images is None:
             raise ValueError('InferenceConfig.mask_upsampling="joint_bilateral" needs the '
                              "images: pass images= to predict_instances")
         images = checks.as_float(images, "images", rank=4)
+        tf.debugging.assert_equal(tf.shape(images)[1:3], image_size,
+                                  message="images must have image_size (the padded size)")
         planes = bilateral.bilateral_planes(images, tf.shape(low_res_masks)[2:4],
                                             config.bilateral_sigma)
         patterns = upsampling.dual_patterns(low_res_masks)

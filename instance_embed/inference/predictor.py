@@ -222,17 +222,17 @@ def _compiled_select_detections(taus: tuple, config_fields: tuple):
     return compiled
 
 
-def make_predict_fn(model: keras.Model, taus: Sequence[float], config: InferenceConfig,
-                    jit_compile: bool = False):
+def make_predict_fn(model: keras.Model, taus: Sequence[float], config: InferenceConfig):
     """Returns `predict(images) -> dict`, `predict_images` as a `tf.function`.
 
     `images` is `[B, H, W, 3]` (uint8 or float, RGB); the dict holds
     `predict_instances`' outputs at the input resolution
     (`detection_masks [B, K, H, W]`, `instance_map [B, H, W]`, ...) plus the heads'
     `embeddings [B, h, w, d]` and `class_probs [B, h, w, T, C + 1]` of the padded input.
+    `config.jit_compile` compiles the heads-resolution part with XLA.
     """
 
-    @tf.function(jit_compile=jit_compile, reduce_retracing=True)
+    @tf.function(reduce_retracing=True)
     def predict(images):
         return predict_images(model, images, taus, config)
 

@@ -105,11 +105,16 @@ def bilateral_planes(images: tf.Tensor, heads_size, sigma: float | tf.Tensor) ->
     top, left = sy - sy // 2, sx - sx // 2
     weights = tf.pad(weights, [[0, 0], [top, sy // 2], [left, sx // 2], [0, 0]])
     weights = tf.reshape(weights, tf.stack([shape[0], (h + 1) * sy, w + 1, sx, 4]))
-    # The vote of pattern p sums the weights of its bits, in bit order.
-    votes = [tf.zeros_like(weights[..., 0])]
-    for corner in range(4):
-        votes += [vote + weights[..., corner] for vote in votes]
-    inside = tf.stack(votes, axis=-2) >= 0.5  # [B, (h + 1) sy, w + 1, 16, sx]
+    # The vote of pattern p sums the weights of its bits, in bit order; compared at once
+    # so that only booleans are kept for the 16 patterns.
+    inside = []
+    for pattern in range(16):
+        corners = [weights[..., c] for c in range(4) if pattern >> c & 1]
+        vote = corners[0] if corners else tf.zeros_like(weights[..., 0])
+        for corner in corners[1:]:
+            vote += corner
+        inside.append(vote >= 0.5)
+    inside = tf.stack(inside, axis=-2)  # [B, (h + 1) sy, w + 1, 16, sx]
     return tf.reshape(inside, tf.stack([shape[0], h + 1, sy, w + 1, 16, sx]))
 
 
@@ -151,7 +156,10 @@ def instance_map(patterns: tf.Tensor, planes: tf.Tensor, crop_size: tf.Tensor) -
       int32 `[B, H', W']`.
     """
     first = upsampling.first_mask_per_pattern(patterns)  # [B, h + 1, w + 1, 16]
-    best = tf.reduce_max(first[:, :, None, :, :, None] * tf.cast(planes, tf.float32), axis=4)
+    best = 0.0  # one pattern at a time: no float copy of the planes
+    for p in range(16):
+        best = tf.maximum(best, tf.where(planes[:, :, :, :, p],
+                                         first[:, :, None, :, None, p], 0.0))
     shape = tf.shape(best)  # [B, h + 1, sy, w + 1, sx]
     best = tf.reshape(best, tf.stack([shape[0], shape[1] * shape[2], shape[3] * shape[4]]))
     top, left = shape[2] - shape[2] // 2, shape[4] - shape[4] // 2

@@ -5,6 +5,7 @@ checkpoints.
 - `optimization`: the learning-rate schedules and the two optimizers;
 - `time_budget`: fitting a run into a number of minutes;
 - `distribute`: strategies by name, the batch split, the chief;
+- `signals`: SIGTERM and Ctrl-C noted so that a run checkpoints (on every worker);
 - `summaries`: TensorBoard pictures and the embedding projector;
 - `checkpoints`: restoring a trained run from its directory.
 """

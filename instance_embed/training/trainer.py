@@ -29,7 +29,6 @@ import dataclasses
 import math
 import os
 import signal
-import threading
 import time
 
 from absl import logging
@@ -45,6 +44,7 @@ from instance_embed.losses import InstanceLoss
 from instance_embed.model import build_model
 from instance_embed.model.builder import split_trainable_variables
 from instance_embed.training import distribute
+from instance_embed.training import signals
 from instance_embed.training import optimization
 from instance_embed.training import summaries
 from instance_embed.training import time_budget
@@ -270,16 +270,23 @@ def train(config: configs.ExperimentConfig, model_dir: str,
     # SIGTERM or SIGINT (a preempted VM, a scheduler, Ctrl-C) ends the step under way,
     # then the run checkpoints and returns. On multi-worker, one worker stopping alone
     # would leave the others waiting in a collective: a SIGTERM to any worker makes all
-    # of them checkpoint at one step and return (WorkerPreemption).
+    # of them checkpoint at one step and return (signals.WorkerPreemption).
     multi_worker = tc.strategy == "multi_worker_mirrored"
-    stop = StopSignals(()) if multi_worker else StopSignals()
-    preemption = WorkerPreemption(strategy, run.manager) if multi_worker else None
+    stop = signals.StopSignals(()) if multi_worker else signals.StopSignals()
+    preemption = signals.WorkerPreemption(strategy, run.manager) if multi_worker else None
     with stop, preemption or contextlib.nullcontext():
         while int(run.step.numpy()) < end_step and stop.received is None:
             values = train_step(iterator)
             current = int(run.step.numpy())
+            last = {k: float(v) for k, v in values.items()}
+            if not all(math.isfinite(v) for v in last.values()):
+                raise TrainingDivergedError(
+                    f"Loss became non-finite at step {current} ({last}); stopping without "
+                    f"saving. The last good checkpoint is {run.manager.latest_checkpoint}. "
+                    "Try a lower --learning_rate or check the input data.")
             if preemption is not None and preemption.checkpoint_if_preempted(current):
                 stop.received = signal.SIGTERM
+                break  # the cluster's checkpoint at `current` is written
             if planner is not None and planner.active:
                 revision = planner.after_step(current, total_steps)
                 if revision is not None:
@@ -289,12 +296,6 @@ def train(config: configs.ExperimentConfig, model_dir: str,
                     end_step = end_of_call()
                     if message:
                         logging.info("%s", message)
-            last = {k: float(v) for k, v in values.items()}
-            if not all(math.isfinite(v) for v in last.values()):
-                raise TrainingDivergedError(
-                    f"Loss became non-finite at step {current} ({last}); stopping without "
-                    f"saving. The last good checkpoint is {run.manager.latest_checkpoint}. "
-                    "Try a lower --learning_rate or check the input data.")
             window_steps += 1
             if current % tc.log_every == 0 or current == total_steps:
                 elapsed = time.perf_counter() - window_start
@@ -334,84 +335,6 @@ def train(config: configs.ExperimentConfig, model_dir: str,
                  {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(
                      config.model.mixed_precision, "float32"))
     return {"step": step, "losses": last, "metrics": metrics}
-
-
-class _Preempted(Exception):
-    """Raised by `WorkerPreemption`'s exit function, after the cluster's checkpoint."""
-
-
-class WorkerPreemption:
-    """SIGTERM on any worker of a multi-worker run: every worker checkpoints at one step.
-
-    `tf.distribute.experimental.PreemptionCheckpointHandler` watches for SIGTERM on
-    each worker and agrees on the step to save at through the cluster's coordination
-    service. Instead of exiting the process there, its exit function returns control,
-    so that the run closes its files and reports like a single-worker one. A context
-    manager: the SIGTERM handler and the watcher threads go when it closes.
-    """
-
-    def __init__(self, strategy, manager: tf.train.CheckpointManager):
-        self._strategy = strategy
-        self._manager = manager
-        self._handler = None
-        self._previous = None
-
-    def __enter__(self) -> "WorkerPreemption":
-        def leave():
-            raise _Preempted()
-
-        self._previous = signal.getsignal(signal.SIGTERM)
-        self._handler = tf.distribute.experimental.PreemptionCheckpointHandler(
-            self._strategy.cluster_resolver, self._manager,
-            termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=leave))
-        return self
-
-    def checkpoint_if_preempted(self, step: int) -> bool:
-        """Called after every step; True once the cluster's checkpoint at `step` (the
-        same on every worker) is written and the run should stop."""
-        try:
-            self._handler.save_checkpoint_if_preempted(checkpoint_number=step)
-        except _Preempted:
-            return True
-        return False
-
-    def __exit__(self, *exc_info) -> None:
-        self._handler = None  # its watcher threads stop as it is collected
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-class StopSignals:
-    """A context in which the first SIGTERM or SIGINT is noted instead of acted on.
-
-    `received` is the first signal (a `signal.Signals`), or None. A second signal acts as
-    it would have without this context (Ctrl-C twice interrupts at once). Handlers are
-    only installed from the main thread, where Python delivers signals.
-    """
-
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-        self.signals = tuple(signals)
-        self.received = None
-        self._previous = {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._note)
-        return self
-
-    def _note(self, signum, frame) -> None:
-        del frame
-        self.received = signal.Signals(signum)
-        self._restore()
-
-    def _restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def __exit__(self, *exc_info) -> None:
-        self._restore()
 
 
 def _log_progress(run: _Run, tc: configs.TrainConfig, last: dict, current: int,

@@ -51,8 +51,8 @@ def _draw(mask, image, sigma):
 
 
 @pytest.mark.parametrize("seed, stride, sigma", [(0, 4, 10.0), (1, 4, 40.0), (2, 8, 25.0),
-                                                 (3, 2, 15.0)])
-def test_draw_mask_matches_the_definition(seed, stride, sigma):
+                                                 (3, 2, 15.0), (4, 3, 20.0), (5, 1, 20.0)])
+def test_drawn_mask_matches_the_definition(seed, stride, sigma):
     rng = np.random.default_rng(seed)
     h, w = 5, 7
     mask = rng.random((h, w)) < 0.5
