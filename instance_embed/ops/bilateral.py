@@ -102,7 +102,7 @@ def bilateral_planes(images: tf.Tensor, heads_size, sigma: float | tf.Tensor) ->
     # its dual cell's top-left one; at the image's edges, where the grid replicates the
     # edge cells, the pixel's other cells have zero weight, so the answers agree.
     sy, sx = height // h, width // w
-    top, left = sy - sy // 2, sx - sx // 2
+    top, left = tf.unstack(upsampling.dual_grid_start(tf.stack([sy, sx])))
     weights = tf.pad(weights, [[0, 0], [top, sy // 2], [left, sx // 2], [0, 0]])
     weights = tf.reshape(weights, tf.stack([shape[0], (h + 1) * sy, w + 1, sx, 4]))
     # The vote of pattern p sums the weights of its bits, in bit order; compared at once
@@ -138,7 +138,7 @@ def draw_masks(patterns: tf.Tensor, planes: tf.Tensor, crop_size: tf.Tensor,
     index = first_row[:, None] + patterns[:, :, :, None, :]  # [B, K, h + 1, sy, w + 1]
     count = tf.shape(patterns)[1]
     index = tf.reshape(index, tf.stack([shape[0], count, shape[1] * shape[2], shape[3]]))
-    top, left = shape[2] - shape[2] // 2, shape[5] - shape[5] // 2
+    top, left = tf.unstack(upsampling.dual_grid_start(tf.stack([shape[2], shape[5]])))
     pixels = tf.gather(rows, index[:, :, top:top + crop_size[0]])  # [B, K, H', w + 1, sx]
     pixels = tf.reshape(pixels, tf.stack([shape[0], count, crop_size[0], shape[3] * shape[5]]))
     return pixels[..., left:left + crop_size[1]]
@@ -160,8 +160,4 @@ def instance_map(patterns: tf.Tensor, planes: tf.Tensor, crop_size: tf.Tensor) -
     for p in range(16):
         best = tf.maximum(best, tf.where(planes[:, :, :, :, p],
                                          first[:, :, None, :, None, p], 0.0))
-    shape = tf.shape(best)  # [B, h + 1, sy, w + 1, sx]
-    best = tf.reshape(best, tf.stack([shape[0], shape[1] * shape[2], shape[3] * shape[4]]))
-    top, left = shape[2] - shape[2] // 2, shape[4] - shape[4] // 2
-    best = tf.cast(best[:, top:top + crop_size[0], left:left + crop_size[1]], tf.int32)
-    return tf.where(best > 0, tf.shape(patterns)[1] + 1 - best, 0)
+    return upsampling.indices_from_dual_grid(best, crop_size, tf.shape(patterns)[1])

@@ -60,11 +60,17 @@ def cell_codes(masks: tf.Tensor) -> tf.Tensor:
     Bit `3 * (dy + 1) + (dx + 1)` is the mask at cell (r + dy, c + dx), with the
     nearest edge cell outside the grid (bilinear resizing clamps there).
     """
-    bits = tf.cast(masks, tf.int32)
-    bits = tf.concat([bits[..., :1, :], bits, bits[..., -1:, :]], axis=-2)
-    bits = tf.concat([bits[..., :1], bits, bits[..., -1:]], axis=-1)  # [..., h + 2, w + 2]
+    bits = _edge_padded(masks)  # [..., h + 2, w + 2]
     rows = bits[..., :-2] + 2 * bits[..., 1:-1] + 4 * bits[..., 2:]  # [..., h + 2, w]
     return rows[..., :-2, :] + 8 * rows[..., 1:-1, :] + 64 * rows[..., 2:, :]
+
+
+def _edge_padded(masks: tf.Tensor) -> tf.Tensor:
+    """int32 0/1 `[..., h + 2, w + 2]`: the masks with their edge cells repeated once
+    around them (bilinear resizing clamps there)."""
+    bits = tf.cast(masks, tf.int32)
+    bits = tf.concat([bits[..., :1, :], bits, bits[..., -1:, :]], axis=-2)
+    return tf.concat([bits[..., :1], bits, bits[..., -1:]], axis=-1)
 
 
 def _offset_weights(stride: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -206,9 +212,7 @@ def dual_patterns(masks: tf.Tensor) -> tf.Tensor:
     b (columns), edges replicated; bits 0..3 are its top-left, top-right, bottom-left
     and bottom-right cells.
     """
-    bits = tf.cast(masks, tf.int32)
-    bits = tf.concat([bits[..., :1, :], bits, bits[..., -1:, :]], axis=-2)
-    bits = tf.concat([bits[..., :1], bits, bits[..., -1:]], axis=-1)  # [..., h + 2, w + 2]
+    bits = _edge_padded(masks)  # [..., h + 2, w + 2]
     return (bits[..., :-1, :-1] + 2 * bits[..., :-1, 1:] + 4 * bits[..., 1:, :-1]
             + 8 * bits[..., 1:, 1:])
 
@@ -276,12 +280,33 @@ def instance_map(masks: tf.Tensor, stride: tf.Tensor, crop_size: tf.Tensor) -> t
     best = tf.matmul(tf.reshape(best, tf.stack([-1, shape[3]])), select, transpose_b=True)
     # [B, h + 1, w + 1, sy, sx] -> [B, (h + 1) sy, (w + 1) sx], in float (see
     # `_bilinear_margins`).
-    sy, sx = stride[0], stride[1]
-    best = tf.transpose(tf.reshape(best, tf.stack([shape[0], shape[1], shape[2], sy, sx])),
-                        [0, 1, 3, 2, 4])
-    best = tf.reshape(best, tf.stack([shape[0], shape[1] * sy, shape[2] * sx]))
-    # The dual grid starts s - s // 2 pixels before the image (see `_dual_table`).
-    start_y, start_x = sy - sy // 2, sx - sx // 2
-    best = tf.cast(best[:, start_y:start_y + crop_size[0], start_x:start_x + crop_size[1]],
+    best = tf.transpose(
+        tf.reshape(best, tf.stack([shape[0], shape[1], shape[2], stride[0], stride[1]])),
+        [0, 1, 3, 2, 4])
+    return indices_from_dual_grid(best, crop_size, num_masks)
+
+
+def dual_grid_start(stride: tf.Tensor) -> tf.Tensor:
+    """How many pixels the dual-cell grid starts before the image: s - s // 2 per axis
+    (see `_dual_table`)."""
+    return stride - stride // 2
+
+
+def indices_from_dual_grid(best: tf.Tensor, crop_size: tf.Tensor, num_masks: tf.Tensor
+                           ) -> tf.Tensor:
+    """The instance map from the best weight K - k per pixel of the dual-cell grid.
+
+    Args:
+      best: float32 `[B, h + 1, sy, w + 1, sx]`, 0 where no mask covers the pixel.
+      crop_size: int32 `[2]`, (H', W').
+      num_masks: K.
+
+    Returns:
+      int32 `[B, H', W']`, 1-based indices, 0 for no mask.
+    """
+    shape = tf.shape(best)
+    best = tf.reshape(best, tf.stack([shape[0], shape[1] * shape[2], shape[3] * shape[4]]))
+    start = dual_grid_start(tf.stack([shape[2], shape[4]]))
+    best = tf.cast(best[:, start[0]:start[0] + crop_size[0], start[1]:start[1] + crop_size[1]],
                    tf.int32)
     return tf.where(best > 0, num_masks + 1 - best, 0)

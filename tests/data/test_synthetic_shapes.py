@@ -8,6 +8,7 @@ import scipy.ndimage
 import tensorflow_datasets as tfds
 
 import instance_embed.data as data
+from instance_embed.data import shape_painting
 from instance_embed.data import synthetic_shapes as ss
 
 tfds.disable_progress_bar()
@@ -209,7 +210,7 @@ def test_backgrounds_are_textured(style, min_std, request):
 
 
 def test_waves_on_grid_matches_pointwise_sum():
-    waves = ss.Waves.sample(np.random.default_rng(3), 40, 5, (0.5, 12.0), 3)
+    waves = shape_painting.Waves.sample(np.random.default_rng(3), 40, 5, (0.5, 12.0), 3)
     ys, xs = np.mgrid[0:40, 0:40]
     expected = np.zeros((40, 40, 3))
     for k in range(5):
