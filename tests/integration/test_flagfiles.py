@@ -1,7 +1,8 @@
-"""The synthetic flagfiles train as written: `make demo`'s and the `default` benchmark's.
+"""The flagfiles train as written: `make demo`'s, the `default` benchmark's and Penn-Fudan's.
 
 Each runs `train_main` with its flagfile for a few steps on the dataset config it names
-(generated here, as `make demo` does), and the demo's run is exported.
+(generated here, as `make demo` does; Penn-Fudan from the copy beside the repository,
+skipped when it is absent), and the demo's run is exported.
 """
 
 import json
@@ -42,3 +43,28 @@ def test_flagfile_trains_on_its_dataset_config(flagfile, builder_config, backbon
         run_program("instance_embed.export_main", f"--model_dir={model_dir}",
                     f"--export_dir={export_dir}")
         assert (export_dir / "1" / "saved_model.pb").is_file()
+
+
+@pytest.mark.parametrize("flagfile, backbone, image_size", [
+    ("pennfudan.flags", "light", 256),
+    ("pennfudan_mobilenet.flags", "mobilenet_v2", 384),
+    ("pennfudan_vgg16.flags", "vgg16", 384),
+])
+def test_penn_fudan_flagfile_trains_on_the_real_data(flagfile, backbone, image_size,
+                                                     penn_fudan_dir, data_dir, repo_root,
+                                                     tmp_path, run_program):
+    """The Penn-Fudan flagfiles as the README runs them: `--manual_dir` is the user's,
+    never the flagfile's, and two steps train on the real images at the flagfile's crop."""
+    flag_lines = [line for line in (repo_root / "experiments" / flagfile).read_text().splitlines()
+                  if not line.lstrip().startswith("#")]
+    assert not [line for line in flag_lines if line.startswith("--manual_dir")]
+    model_dir = tmp_path / "run"
+    out = run_program("instance_embed.train_main", f"--flagfile=experiments/{flagfile}",
+                      f"--manual_dir={penn_fudan_dir}", f"--data_dir={data_dir}",
+                      f"--model_dir={model_dir}", "--train_steps=2", "--checkpoint_every=2",
+                      "--eval_every=0", "--noeval_at_end", "--log_every=1", "--nocache")
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["dataset"]["name"] == "penn_fudan_ped"
+    assert config["model"]["backbone"] == backbone
+    assert config["input"]["image_size"] == image_size
+    assert "step 2/2" in out.stderr + out.stdout
