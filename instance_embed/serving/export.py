@@ -3,10 +3,12 @@
     export_from_model_dir("runs/demo", "runs/demo/export")   # -> "runs/demo/export/1"
 
 writes the latest checkpoint of a run as a SavedModel in the layout TF Serving reads,
-`export_dir/<version>/{saved_model.pb, variables/, assets.extra/}`, through
-`keras.export.ExportArchive`: a Keras 3 model inside a plain `tf.saved_model.save`
-loads in Python but fails in the C++ loader that TF Serving and `saved_model_cli run`
-use. The version directory is written under a temporary name and renamed when
+`export_dir/<version>/{saved_model.pb, variables/, assets.extra/}`. What is saved is
+the signatures' concrete functions and the variables they read, not the Keras model: a
+Keras 3 model inside `tf.saved_model.save` loads in Python but fails in the C++ loader
+that TF Serving and `saved_model_cli run` use. Each signature is traced once
+(`keras.export.ExportArchive` traces it twice: once outside and once inside the save
+context). The version directory is written under a temporary name and renamed when
 complete, so a server polling `export_dir` never sees half a model. The signatures are
 those of `signatures.py`; the inference settings (the run's, or an `InferenceConfig`
 given at export time) are fixed in the SavedModel.
@@ -28,6 +30,7 @@ import tempfile
 from typing import Sequence
 
 import keras
+import tensorflow as tf
 
 from instance_embed.configs import ExperimentConfig
 from instance_embed.inference import InferenceConfig
@@ -122,17 +125,19 @@ def export_saved_model(model: keras.Model, experiment_config: ExperimentConfig,
     if os.path.exists(final_path) and not export_config.overwrite:
         raise FileExistsError(f"{final_path} exists: choose another version, or overwrite")
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
     functions = ServingFunctions(model, experiment_config.model.taus, inference_config,
                                  export_config.max_image_pixels)
-    for name, (fn, spec) in functions.signatures().items():
-        archive.add_endpoint(name, fn, input_signature=spec)
+    signatures = {name: fn.get_concrete_function(*spec)
+                  for name, (fn, spec) in functions.signatures().items()}
+    # The save needs every captured variable reachable from its root object.
+    root = tf.Module()
+    root.variables_read = list({id(v): v for concrete in signatures.values()
+                                for v in concrete.variables}.values())
 
     # A name that is not an integer, so TF Serving skips it until the rename.
     tmp_path = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=export_dir)
     try:
-        archive.write_out(tmp_path, verbose=False)
+        tf.saved_model.save(root, tmp_path, signatures=signatures)
         _write_assets_extra(tmp_path, names, experiment_config, export_config,
                             checkpoint_path)
         # Warm-up at the training crops' size (within the pixel limit).

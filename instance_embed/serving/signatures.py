@@ -160,7 +160,7 @@ class ServingFunctions:
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         network = network_function(model)
 
-        # Explicit tf ops everywhere: ExportArchive traces without AutoGraph anyway.
+        # Explicit tf ops everywhere: the signatures are traced without AutoGraph.
         def from_bytes(image_bytes, dense_masks):
             images, sizes = decode_images(image_bytes, max_image_pixels, BYTES_INPUT)
             return batch_detections(network, images, sizes, taus, config,

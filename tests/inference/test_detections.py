@@ -303,7 +303,7 @@ def test_batch_of_two_equals_two_batches_of_one(numpy_inference):
 
 def test_unknown_shapes_inside_tf_function(numpy_inference):
     """The way export uses it: any batch and image size, the output size as a tensor,
-    and AutoGraph off (as in a Keras ExportArchive endpoint)."""
+    and AutoGraph off (as in the exported signatures)."""
     rng = np.random.default_rng(11)
     embeddings, logits = numpy_inference.random_inputs(rng, batch=2, h=6, w=5, d=4, num_taus=4,
                                                        num_classes=2)

@@ -1,0 +1,87 @@
+"""`make demo`'s time budget covers the whole demo: training gets the total minus the
+dataset preparation and minus `DEMO_AFTER_TRAINING` times the preparation for what follows.
+
+The Makefile runs here against a stand-in Python that records each command and takes a
+chosen time to prepare the dataset, so the budget arithmetic is checked without training.
+"""
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import textwrap
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _after_training_factor() -> float:
+    match = re.search(r"^DEMO_AFTER_TRAINING\s*:?=\s*(\S+)",
+                      (REPO_ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert match, "Makefile defines DEMO_AFTER_TRAINING"
+    return float(match.group(1))
+
+
+def _run_demo(tmp_path, prep_seconds: int, *make_args: str):
+    """Runs `make demo` with a stand-in Python; returns (its commands, make's stdout)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    log = tmp_path / "commands.log"
+    python = venv / "bin" / "python"
+    python.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "$*" >> {log}
+        case "$*" in *dataset_main*) sleep {prep_seconds};; esac
+        exit 0
+        """))
+    python.chmod(0o755)
+    # Newer than setup.py: the venv counts as installed and complete.
+    (venv / ".instance_embed-installed").touch()
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    result = subprocess.run(
+        [make, "--no-print-directory", "demo", f"VENV={venv}",
+         f"DATA_DIR={tmp_path / 'data'}", f"DEMO_DIR={tmp_path / 'demo'}", *make_args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "MAKEFLAGS": ""})
+    assert result.returncode == 0, result.stderr
+    return log.read_text().splitlines(), result.stdout
+
+
+def _train_command(commands):
+    (train,) = [c for c in commands if "instance_embed.train_main" in c]
+    return train
+
+
+def _budget_flag(train_command):
+    values = re.findall(r"--time_budget_minutes=(\S+)", train_command)
+    return float(values[0]) if values else None
+
+
+def test_training_gets_the_total_minus_preparation_and_what_follows(tmp_path):
+    commands, stdout = _run_demo(tmp_path, prep_seconds=6)
+    # The order of the README's commands.
+    programs = [re.search(r"instance_embed\.(\w+)", c).group(1) for c in commands
+                if "instance_embed." in c and "-c " not in c]
+    assert programs == ["dataset_main", "train_main", "eval_main", "export_main",
+                        "predict_main"]
+    budget = _budget_flag(_train_command(commands))
+    # `date +%s` has one-second resolution: the preparation measured 6 or 7 s.
+    factor = 1 + _after_training_factor()
+    expected = [10 - seconds * factor / 60 for seconds in (6, 7)]
+    assert min(expected) - 0.01 <= budget <= max(expected) + 0.01
+    assert f"Training budget: {budget:.2f} minutes" in stdout
+
+
+def test_a_slow_preparation_leaves_training_at_least_one_minute(tmp_path):
+    commands, _ = _run_demo(tmp_path, 2, "DEMO_TOTAL_MINUTES=0.1")
+    assert _budget_flag(_train_command(commands)) == 1.0
+
+
+def test_no_total_means_no_training_budget(tmp_path):
+    commands, stdout = _run_demo(tmp_path, 0, "DEMO_TOTAL_MINUTES=")
+    assert _budget_flag(_train_command(commands)) is None
+    assert "Training budget" not in stdout
