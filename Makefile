@@ -13,8 +13,9 @@ DEMO_ARGS ?=
 # cost). Training gets what is left after preparing the dataset and after an estimate of
 # evaluation, export and prediction: DEMO_AFTER_TRAINING times the preparation's seconds,
 # the preparation standing for the machine's speed (docs/results.md, "make demo", has the
-# measured ratio). A machine too slow for the flagfile's steps trains fewer, with the
-# schedules compressed to match.
+# measured ratio; a dataset prepared by an earlier run makes the estimate short). A
+# machine too slow for the flagfile's steps trains fewer, with the schedules compressed
+# to match.
 DEMO_TOTAL_MINUTES ?= 10
 DEMO_AFTER_TRAINING := 3
 
@@ -45,8 +46,10 @@ demo: venv
 	$(PY) -m instance_embed.dataset_main --dataset=synthetic_shapes --builder_config=demo \
 	    --data_dir=$(DATA_DIR) --split=test --write_images=8 \
 	    --output_dir=$(DEMO_DIR)/test_images; \
-	budget=$$(awk -v total="$(DEMO_TOTAL_MINUTES)" -v prep=$$(( $$(date +%s) - start )) \
+	budget=$$(LC_ALL=C awk -v total="$(DEMO_TOTAL_MINUTES)" -v prep=$$(( $$(date +%s) - start )) \
 	    'BEGIN { if (total == "") exit; \
+	             if (total !~ /^[0-9]*[.]?[0-9]+$$/) { \
+	                 print "DEMO_TOTAL_MINUTES=" total ": not a number of minutes" > "/dev/stderr"; exit 2 } \
 	             m = total - prep * (1 + $(DEMO_AFTER_TRAINING)) / 60; \
 	             printf "%.2f", (m < 1 ? 1 : m) }'); \
 	if [ -n "$$budget" ]; then echo "Training budget: $$budget minutes of the demo's $(DEMO_TOTAL_MINUTES)."; fi; \

@@ -619,6 +619,24 @@ def test_jit_compiled_export_matches_plain_model_and_runs_in_tf1_loader(
     assert_outputs_equal(_load_outdir(tmp_path / "cli"), reference(images["b"][None]))
 
 
+def test_export_traces_each_signature_once(run_dir, tmp_path, monkeypatch):
+    """Tracing the post-processing is most of an export's time: one trace per signature
+    (Keras' ExportArchive traced each twice, outside and inside the save context)."""
+    from instance_embed.serving import signatures as serving_signatures
+
+    traces = []
+    original = serving_signatures.batch_detections
+
+    def counting_batch_detections(*args, **kwargs):
+        traces.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(serving_signatures, "batch_detections", counting_batch_detections)
+    model, config, _ = checkpoints.restore_model(str(run_dir))
+    serving.export_saved_model(model, config, str(tmp_path))
+    assert len(traces) == 3
+
+
 def test_export_rejects_inconsistent_settings(run_dir, tmp_path):
     model, config, _ = checkpoints.restore_model(str(run_dir))
     too_many = dataclasses.replace(config, inference=dataclasses.replace(
