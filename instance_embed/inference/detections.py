@@ -36,10 +36,8 @@ from instance_embed.ops import checks
 from instance_embed.ops import geometry
 from instance_embed.ops import bilateral
 from instance_embed.ops import upsampling
-from instance_embed.ops.masks import boxes_from_projections
 from instance_embed.ops.masks import descending_order
 from instance_embed.ops.masks import grow_masks_from_geometry
-from instance_embed.ops.masks import mask_boxes
 from instance_embed.ops.masks import seed_classes_and_scores
 from instance_embed.ops.masks import suppress_duplicates
 from instance_embed.ops.seeds import graph_ready
@@ -117,9 +115,8 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
     labels were sampled for training. (Resizing the signed margins instead shrinks every
     mask: the margin inside is at most log(2 / tau - 1) while outside it falls to minus
     the squared distance between instances, so the zero crossing sits next to the
-    inside pixel.) With bilinear masks the boxes and the instance map come from the
-    heads-resolution masks directly, so `dense_masks=False` skips the `[B, K, H, W]`
-    output altogether (joint bilateral boxes still need the drawn masks).
+    inside pixel.) The boxes and the instance map come from the heads-resolution masks
+    directly, so `dense_masks=False` skips the `[B, K, H, W]` output altogether.
 
     Detections below `config.score_threshold`, suppressed as near-duplicates, or coming
     from a missing seed (-1, when K exceeds the pixels that may seed) are invalid: they
@@ -242,18 +239,17 @@ def draw_detections(detections: dict[str, tf.Tensor], image_size, config: Infere
         tf.debugging.assert_equal(tf.shape(images)[1:3], image_size,
                                   message="images must have image_size (the padded size)")
         planes = bilateral.bilateral_planes(images, tf.shape(low_res_masks)[2:4],
-                                            config.bilateral_sigma)
+                                            config.bilateral_sigma, crop_size)
         patterns = upsampling.dual_patterns(low_res_masks)
-        masks = bilateral.draw_masks(patterns, planes, crop_size)
-        outputs["detection_boxes"] = mask_boxes(masks)
+        outputs["detection_boxes"] = bilateral.boxes_from_patterns(patterns, planes)
         outputs["instance_map"] = bilateral.instance_map(patterns, planes, crop_size)
         if dense_masks:
-            outputs["detection_masks"] = tf.cast(masks, mask_dtype)
+            outputs["detection_masks"] = bilateral.draw_masks(patterns, planes, crop_size,
+                                                              mask_dtype)
     else:
         codes = upsampling.cell_codes(low_res_masks)
         tables = upsampling.BilinearTables.build(stride, mask_dtype)
-        outputs["detection_boxes"] = boxes_from_projections(
-            *upsampling.mask_projections(codes, tables, crop_size))
+        outputs["detection_boxes"] = upsampling.boxes_from_codes(codes, tables, crop_size)
         outputs["instance_map"] = upsampling.instance_map(low_res_masks, stride, crop_size)
         if dense_masks:
             outputs["detection_masks"] = upsampling.draw_masks(codes, tables, crop_size)

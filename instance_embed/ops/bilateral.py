@@ -59,7 +59,8 @@ def cell_mean_colours(images: tf.Tensor, heads_size) -> tf.Tensor:
     return tf.reduce_mean(cells, axis=[2, 4])
 
 
-def bilateral_planes(images: tf.Tensor, heads_size, sigma: float | tf.Tensor) -> tf.Tensor:
+def bilateral_planes(images: tf.Tensor, heads_size, sigma: float | tf.Tensor,
+                     crop_size: tf.Tensor | None = None) -> tf.Tensor:
     """Every pixel's answers for the 16 patterns of its dual cell, laid out by dual cell.
 
     Args:
@@ -68,6 +69,9 @@ def bilateral_planes(images: tf.Tensor, heads_size, sigma: float | tf.Tensor) ->
       heads_size: (h, w), ints or int32 scalars.
       sigma: the colour distance (RGB, 0-255 scale) at which a cell's weight falls to
         exp(-1/2) of the closest cell's.
+      crop_size: optional int32 `[2]`, (H', W') <= (H, W): pixels beyond the top-left
+        (H', W') answer False, as those outside the image (so that `boxes_from_patterns`
+        counts only the crop); default (H, W).
 
     Returns:
       bool `[B, h + 1, sy, w + 1, 16, sx]`: pixel (i, j) of dual cell (a, b) of
@@ -103,7 +107,10 @@ def bilateral_planes(images: tf.Tensor, heads_size, sigma: float | tf.Tensor) ->
     # edge cells, the pixel's other cells have zero weight, so the answers agree.
     sy, sx = height // h, width // w
     top, left = tf.unstack(upsampling.dual_grid_start(tf.stack([sy, sx])))
-    weights = tf.pad(weights, [[0, 0], [top, sy // 2], [left, sx // 2], [0, 0]])
+    if crop_size is not None:
+        weights = weights[:, :crop_size[0], :crop_size[1]]
+    weights = tf.pad(weights, [[0, 0], [top, sy // 2 + height - tf.shape(weights)[1]],
+                               [left, sx // 2 + width - tf.shape(weights)[2]], [0, 0]])
     weights = tf.reshape(weights, tf.stack([shape[0], (h + 1) * sy, w + 1, sx, 4]))
     # The vote of pattern p sums the weights of its bits, in bit order; compared at once
     # so that only booleans are kept for the 16 patterns.
@@ -142,6 +149,35 @@ def draw_masks(patterns: tf.Tensor, planes: tf.Tensor, crop_size: tf.Tensor,
     pixels = tf.gather(rows, index[:, :, top:top + crop_size[0]])  # [B, K, H', w + 1, sx]
     pixels = tf.reshape(pixels, tf.stack([shape[0], count, crop_size[0], shape[3] * shape[5]]))
     return pixels[..., left:left + crop_size[1]]
+
+
+def boxes_from_patterns(patterns: tf.Tensor, planes: tf.Tensor) -> tf.Tensor:
+    """Each mask's box, without drawing it: `ops.mask_boxes` of `draw_masks`' output.
+
+    Args:
+      patterns: int32 `[B, K, h + 1, w + 1]` from `upsampling.dual_patterns`.
+      planes: from `bilateral_planes` for the same images and `crop_size` (only the
+        pixels of the crop count).
+
+    Returns:
+      float32 `[B, K, 4]`, (ymin, xmin, ymax, xmax) in pixel edges; zeros for an empty
+      mask.
+    """
+    shape = tf.shape(planes)  # [B, h + 1, sy, w + 1, 16, sx]
+    top, left = tf.unstack(upsampling.dual_grid_start(tf.stack([shape[2], shape[5]])))
+    # Image row (column) of each dual cell's first pixel row (column).
+    cell_top = tf.range(shape[1]) * shape[2] - top
+    cell_left = tf.range(shape[3]) * shape[5] - left
+    # Rows [B, h + 1, sy, w + 1, 16] and columns [B, h + 1, w + 1, 16, sx] of each dual
+    # cell and pattern holding a pixel (not transposed: oneDNN logs an ERROR line for
+    # boolean transposes).
+    extents = upsampling.extents_from_projections(
+        tf.reduce_any(planes, axis=5), tf.reduce_any(planes, axis=2), row_axis=2)
+    extents = tf.reshape(extents, [-1, 4])
+    cells = tf.reshape(tf.range(shape[0] * shape[1] * shape[3]) * 16,
+                       tf.stack([shape[0], 1, shape[1], shape[3]]))
+    return upsampling.boxes_from_cell_extents(tf.gather(extents, cells + patterns),
+                                              cell_top, cell_left)
 
 
 def instance_map(patterns: tf.Tensor, planes: tf.Tensor, crop_size: tf.Tensor) -> tf.Tensor:

@@ -16,8 +16,7 @@ reads the four cells of its dual cell, which all lie in the 3 x 3 neighbourhood 
 - `BilinearTables` holds, for the stride, the answer for every code and offset;
 - `draw_masks` draws K masks as one gather of s-pixel rows from the table, with no
   float intermediate, directly in the dtype wanted (bool, or uint8 for serving);
-- `mask_projections` gives each mask's non-empty rows and columns (hence its box) from
-  the codes, without drawing it;
+- `boxes_from_codes` gives each mask's box from the codes' cell extents, without drawing it;
 - `instance_map` gives, for each pixel, the first (highest-scored) covering mask from
   each dual cell's 4-bit patterns, without drawing the masks either.
 
@@ -156,9 +155,9 @@ def draw_masks(codes: tf.Tensor, tables: BilinearTables, crop_size: tf.Tensor) -
     return pixels[..., :crop_size[1]]  # no copy when nothing is cropped
 
 
-def mask_projections(codes: tf.Tensor, tables: BilinearTables, crop_size: tf.Tensor
-                     ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Which rows and columns of each drawn mask hold a pixel, without drawing it.
+def boxes_from_codes(codes: tf.Tensor, tables: BilinearTables, crop_size: tf.Tensor
+                     ) -> tf.Tensor:
+    """Each drawn mask's box, without drawing it: `ops.mask_boxes` of `draw_masks`' output.
 
     Args:
       codes: int32 `[B, K, h, w]` from `cell_codes`.
@@ -166,43 +165,93 @@ def mask_projections(codes: tf.Tensor, tables: BilinearTables, crop_size: tf.Ten
       crop_size: int32 `[2]`, (H', W'): only pixels of the top-left (H', W') count.
 
     Returns:
-      (bool `[B, K, H']`, bool `[B, K, W']`): `reduce_any` of
-      `draw_masks(codes, tables, crop_size)` over its columns and over its rows.
+      float32 `[B, K, 4]`, (ymin, xmin, ymax, xmax) in pixel edges; zeros for an empty
+      mask.
     """
     shape = tf.shape(codes)
     sy, sx = tables.stride[0], tables.stride[1]
-    # A cell counts for a row only through its columns left of the crop (and for a
-    # column only through its rows above it): per cell, one of three tables.
-    row_tables = _cropped_any(tables.inside, along=2, cells=shape[3], crop=crop_size[1])
-    rows = tf.gather(row_tables.tables, codes + NUM_CODES * row_tables.kind)
-    rows = tf.reduce_any(rows, axis=3)  # [B, K, h, sy]
-    column_tables = _cropped_any(tables.inside, along=1, cells=shape[2], crop=crop_size[0])
-    columns = tf.gather(column_tables.tables,
-                        codes + NUM_CODES * column_tables.kind[:, None])
-    columns = tf.reduce_any(columns, axis=2)  # [B, K, w, sx]
-    rows = tf.reshape(rows, tf.stack([shape[0], shape[1], shape[2] * sy]))
-    columns = tf.reshape(columns, tf.stack([shape[0], shape[1], shape[3] * sx]))
-    return rows[..., :crop_size[0]], columns[..., :crop_size[1]]
+    # A cell counts only through its pixels inside the crop: per axis, cells whole
+    # inside it (kind 0), cut by it (1) or outside it (2); one extents table per pair.
+    kind_y, kept_y = _crop_kinds(shape[2], sy, crop_size[0])
+    kind_x, kept_x = _crop_kinds(shape[3], sx, crop_size[1])
+    kept = tf.logical_and(kept_y[:, None, None, :, None], kept_x[None, :, None, None, :])
+    extents = cell_extents(tf.logical_and(tables.inside, kept))  # [3, 3, 512, 4]
+    kind = kind_y[:, None] * 3 + kind_x[None, :]  # [h, w]
+    return boxes_from_cell_extents(
+        tf.gather(tf.reshape(extents, [-1, 4]), codes + NUM_CODES * kind),
+        tf.range(shape[2]) * sy, tf.range(shape[3]) * sx)
 
 
-@dataclasses.dataclass(frozen=True)
-class _CroppedAny:
-    tables: tf.Tensor  # bool [3 * NUM_CODES, s]: whole cells, cut cells, cells outside
-    kind: tf.Tensor  # int32 [cells]: 0, 1 or 2
-
-
-def _cropped_any(inside: tf.Tensor, along: int, cells: tf.Tensor, crop: tf.Tensor
-                 ) -> _CroppedAny:
-    """`reduce_any` of `inside` `[512, sy, sx]` over axis `along` (2: columns, 1: rows),
-    for cells whole inside the crop, cut by it, and outside it."""
-    stride = tf.shape(inside)[along]
+def _crop_kinds(cells: tf.Tensor, stride: tf.Tensor, crop: tf.Tensor
+                ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Along one axis: int32 `[cells]`, each cell whole inside `crop` pixels (0), cut
+    by it (1) or outside it (2); and bool `[3, stride]`, the offsets kept in each kind."""
     start = tf.range(cells) * stride
     kind = tf.where(start + stride <= crop, 0, tf.where(start < crop, 1, 2))
-    kept = tf.range(stride) < crop % stride  # in the cut cell
-    kept = kept[None, None, :] if along == 2 else kept[None, :, None]
-    whole = tf.reduce_any(inside, axis=along)
-    cut = tf.reduce_any(tf.logical_and(inside, kept), axis=along)
-    return _CroppedAny(tf.concat([whole, cut, tf.zeros_like(whole)], axis=0), kind)
+    offsets = tf.range(stride)
+    kept = tf.stack([offsets >= 0, offsets < crop % stride, offsets < 0])
+    return kind, kept
+
+
+_NO_PIXEL = 1 << 30  # above any pixel coordinate plus offset
+
+
+def cell_extents(inside: tf.Tensor) -> tf.Tensor:
+    """Where the pixels of cells lie: bool `[..., sy, sx]` -> int32 `[..., 4]`.
+
+    Per cell: (first row, first column, -(last row + 1), -(last column + 1)) of its
+    pixels, offsets within the cell, so that a box is one `reduce_min`
+    (`boxes_from_cell_extents`); `_NO_PIXEL` in all four for a cell without pixels.
+    """
+    return extents_from_projections(tf.reduce_any(inside, axis=-1),
+                                    tf.reduce_any(inside, axis=-2))
+
+
+def extents_from_projections(rows: tf.Tensor, columns: tf.Tensor, row_axis: int = -1,
+                             column_axis: int = -1) -> tf.Tensor:
+    """`cell_extents` from the cells' rows holding a pixel and their columns.
+
+    Args:
+      rows: bool `[..., sy]`, or with the offsets along `row_axis` (a middle axis
+        reduces several times faster than the last when the offsets are few).
+      columns: bool `[..., sx]`, or with the offsets along `column_axis`.
+
+    Returns:
+      int32 `[..., 4]`, the other axes of `rows` and `columns` (the same) in order.
+    """
+    def first_and_end(present, axis):  # -> int32 first, -(last + 1)
+        shape = [1] * present.shape.rank
+        shape[axis] = -1
+        offsets = tf.reshape(tf.range(tf.shape(present)[axis]), shape)
+        return (tf.reduce_min(tf.where(present, offsets, _NO_PIXEL), axis=axis),
+                tf.reduce_min(tf.where(present, -offsets - 1, _NO_PIXEL), axis=axis))
+
+    first_row, row_end = first_and_end(rows, row_axis)
+    first_column, column_end = first_and_end(columns, column_axis)
+    return tf.stack([first_row, first_column, row_end, column_end], axis=-1)
+
+
+def boxes_from_cell_extents(extents: tf.Tensor, top: tf.Tensor, left: tf.Tensor
+                            ) -> tf.Tensor:
+    """Boxes of masks made of cells: the extents of each mask's cells, offset by where
+    each cell starts, reduced.
+
+    Args:
+      extents: int32 `[B, K, m, n, 4]` from `cell_extents`, one per cell of each mask.
+      top: int32 `[m]`, the image row of each row of cells' first pixel row.
+      left: int32 `[n]`, the image column of each column of cells' first pixel column.
+
+    Returns:
+      float32 `[B, K, 4]`, (ymin, xmin, ymax, xmax) in pixel edges; zeros for a mask
+      without pixels (as `ops.mask_boxes`).
+    """
+    top = tf.broadcast_to(top[:, None], tf.stack([tf.size(top), tf.size(left)]))
+    left = tf.broadcast_to(left[None, :], tf.shape(top))
+    shifted = extents + tf.stack([top, left, -top, -left], axis=-1)
+    shape = tf.shape(extents)
+    box = tf.reduce_min(tf.reshape(shifted, tf.stack([shape[0], shape[1], -1, 4])), axis=2)
+    box = tf.cast(box * tf.constant([1, 1, -1, -1]), tf.float32)
+    return tf.where(box[..., :1] < _NO_PIXEL // 2, box, 0.0)
 
 
 def dual_patterns(masks: tf.Tensor) -> tf.Tensor:
@@ -237,14 +286,20 @@ def first_mask_per_pattern(patterns: tf.Tensor) -> tf.Tensor:
     """float32 `[B, h + 1, w + 1, 16]`: K - k for the first mask k with each pattern in
     each dual cell, 0 if none; from `dual_patterns` `[B, K, h + 1, w + 1]`.
 
-    float32: exact integers, and its reductions are the vectorised ones. One pattern at a
-    time, so that no `[B, K, h + 1, w + 1, 16]` tensor is made (1.7 GB for a 4096 x 4096
-    image at stride 8 with K = 100).
+    One segment maximum over all masks at once (segment: dual cell and pattern).
+    float32: exact integers, and what the instance maps' reductions take.
     """
-    num_masks = tf.shape(patterns)[1]
-    weights = tf.cast(num_masks - tf.range(num_masks), tf.float32)[None, :, None, None]
-    return tf.stack([tf.reduce_max(tf.where(tf.equal(patterns, p), weights, 0.0), axis=1)
-                     for p in range(_DUAL_PATTERNS)], axis=-1)
+    shape = tf.shape(patterns)
+    num_cells = shape[0] * shape[2] * shape[3]
+    segments = patterns + tf.reshape(tf.range(num_cells) * _DUAL_PATTERNS,
+                                     tf.stack([shape[0], 1, shape[2], shape[3]]))
+    weights = tf.broadcast_to(
+        tf.cast(shape[1] - tf.range(shape[1]), tf.float32)[None, :, None, None], shape)
+    first = tf.math.unsorted_segment_max(tf.reshape(weights, [-1]), tf.reshape(segments, [-1]),
+                                         num_cells * _DUAL_PATTERNS)
+    # Segments no mask has are the lowest float32 there.
+    return tf.reshape(tf.maximum(first, 0.0),
+                      tf.stack([shape[0], shape[2], shape[3], _DUAL_PATTERNS]))
 
 
 def instance_map(masks: tf.Tensor, stride: tf.Tensor, crop_size: tf.Tensor) -> tf.Tensor:
@@ -273,8 +328,8 @@ def instance_map(masks: tf.Tensor, stride: tf.Tensor, crop_size: tf.Tensor) -> t
         tf.where(covers, tf.bitwise.left_shift(1, tf.range(_DUAL_PATTERNS))[:, None], 0), axis=0)
     classes, pixel_class = tf.unique(signatures)  # [C], [sy * sx]
     class_covers = tf.bitwise.bitwise_and(
-        tf.bitwise.right_shift(classes, tf.range(_DUAL_PATTERNS)[:, None]), 1)  # [16, C]
-    best = tf.reduce_max(first[..., None] * tf.cast(class_covers, tf.float32), axis=3)
+        tf.bitwise.right_shift(classes[:, None], tf.range(_DUAL_PATTERNS)), 1)  # [C, 16]
+    best = tf.reduce_max(first[..., None, :] * tf.cast(class_covers, tf.float32), axis=4)
     shape = tf.shape(best)  # [B, h + 1, w + 1, C]
     select = tf.one_hot(pixel_class, shape[3])  # [sy * sx, C]
     best = tf.matmul(tf.reshape(best, tf.stack([-1, shape[3]])), select, transpose_b=True)

@@ -24,10 +24,9 @@ mask's first and one past its last row and column, divided by the image's own he
 width (so 0..1 whatever the padding of a batch).
 
 `serving_compact` returns only `num_detections`, `detection_boxes`, `detection_classes`,
-`detection_scores`, `instance_map_png_bytes` and `image_size`, and with bilinear masks
-never draws the dense masks (boxes and instance map come from the heads-resolution
-masks): TF Serving's REST API
-cannot filter outputs (gRPC can, with `output_filter`), and dense masks in JSON are
+`detection_scores`, `instance_map_png_bytes` and `image_size`, and never draws the
+dense masks (boxes and instance map come from the heads-resolution masks): TF Serving's
+REST API cannot filter outputs (gRPC can, with `output_filter`), and dense masks in JSON are
 about K x H x W numbers per image. Masks are uint8 rather than bool because JSON then
 holds `0`/`1` instead of `false`/`true`; classes are int32 (not float32 as in the TF
 Object Detection API) because they are ids.

@@ -181,14 +181,17 @@ def test_joint_bilateral_needs_the_images_and_valid_settings():
             inference.InferenceConfig(bilateral_sigma=sigma)
 
 
-@pytest.mark.parametrize("crop", [(32, 40), (29, 33), (1, 1)])
-def test_instance_map_and_boxes_follow_the_drawn_masks(crop):
+# Heads 8 x 10: strides 4, 3, 1 and 8, with crops cutting cells or not.
+@pytest.mark.parametrize("size, crop", [((32, 40), (32, 40)), ((32, 40), (29, 33)),
+                                        ((32, 40), (1, 1)), ((24, 30), (23, 17)),
+                                        ((8, 10), (8, 10)), ((64, 80), (57, 80))])
+def test_instance_map_and_boxes_follow_the_drawn_masks(size, crop):
     rng = np.random.default_rng(8)
     embeddings, logits = _clustered(rng)
-    images = rng.uniform(0, 255, (2, 32, 40, 3)).astype(np.float32)
+    images = rng.uniform(0, 255, (2,) + size + (3,)).astype(np.float32)
     config = inference.InferenceConfig(num_seeds=12, mask_upsampling="joint_bilateral",
                                        bilateral_sigma=20.0)
-    out = inference.predict_instances(embeddings, logits, (32, 40), TAUS, config,
+    out = inference.predict_instances(embeddings, logits, size, TAUS, config,
                                       images=images, crop_size=crop)
     drawn = out["detection_masks"].numpy()
     assert drawn.shape == (2, 12) + crop
@@ -197,9 +200,9 @@ def test_instance_map_and_boxes_follow_the_drawn_masks(crop):
     np.testing.assert_array_equal(out["instance_map"].numpy(), want)
     np.testing.assert_array_equal(out["detection_boxes"].numpy(),
                                   masks.mask_boxes(drawn).numpy())
-    whole = inference.predict_instances(embeddings, logits, (32, 40), TAUS, config,
+    whole = inference.predict_instances(embeddings, logits, size, TAUS, config,
                                         images=images)
     np.testing.assert_array_equal(drawn, whole["detection_masks"].numpy()[..., :crop[0],
                                                                           :crop[1]])
-    if crop == (32, 40):
-        assert covered.any() and not covered.all()
+    if crop == size:  # masks to check (at stride 1 the 12 detections cover every pixel)
+        assert covered.any() and (size == (8, 10) or not covered.all())

@@ -58,8 +58,7 @@ def new_implementation(low_res_masks, size, crop=None, dtype=tf.bool):
         codes = upsampling.cell_codes(masks)
         tables = upsampling.BilinearTables.build(stride, dtype)
         drawn = upsampling.draw_masks(codes, tables, crop_size)
-        rows, columns = upsampling.mask_projections(codes, tables, crop_size)
-        return (drawn, mask_ops.boxes_from_projections(rows, columns),
+        return (drawn, upsampling.boxes_from_codes(codes, tables, crop_size),
                 upsampling.instance_map(masks, stride, crop_size))
 
     return [x.numpy() for x in run(tf.constant(low_res_masks))]
