@@ -122,21 +122,28 @@ def suppress_duplicates(masks: tf.Tensor, candidate: tf.Tensor,
     flat = tf.cast(tf.reshape(masks, [shape[0], shape[1], shape[2] * shape[3]]), tf.float32)
     # Integer pixel counts are exact in float32 below 2^24 pixels.
     intersection = tf.matmul(flat, flat, transpose_b=True)  # [B, K, K]
-    area = tf.reduce_sum(flat, axis=2)
+    area = tf.linalg.diag_part(intersection)  # a mask's intersection with itself
     union = area[:, :, None] + area[:, None, :] - intersection
     iou = tf.where(union > 0, intersection / tf.maximum(union, 1.0), 0.0)
     overlapping = iou > iou_threshold
     slots = tf.range(num_seeds)
+    # The greedy decisions keep_i = candidate_i and no kept j < i overlaps i, solved by
+    # repeating them all at once until nothing changes: after t rounds the first t
+    # decisions are final, so this ends within K rounds, at the only fixed point (the
+    # greedy's); suppression chains are short, so it takes a few rounds instead of K
+    # steps. (Transposed in float: the IoU is symmetric, but oneDNN logs an ERROR line
+    # for boolean transposes.)
+    by_earlier = tf.logical_and(tf.linalg.matrix_transpose(iou) > iou_threshold,
+                                slots[None, :] < slots[:, None])  # [B, i, j]: j < i overlaps i
 
-    def step(i, keep):
-        # `keep` only holds detections before i, the higher-scored ones.
-        suppressed = tf.reduce_any(
-            tf.logical_and(tf.gather(overlapping, i, axis=1), keep), axis=-1)
-        kept = tf.logical_and(tf.gather(candidate, i, axis=1), tf.logical_not(suppressed))
-        return i + 1, tf.logical_or(keep, tf.logical_and(slots == i, kept[:, None]))
+    def decide(keep, _):
+        suppressed = tf.reduce_any(tf.logical_and(by_earlier, keep[:, None, :]), axis=-1)
+        decided = tf.logical_and(candidate, tf.logical_not(suppressed))
+        return decided, tf.reduce_any(tf.not_equal(decided, keep))
 
-    _, keep = tf.while_loop(lambda i, _: i < num_seeds, step,
-                            (tf.constant(0), tf.zeros_like(candidate)))
+    keep, _ = tf.while_loop(lambda _, changed: changed, decide,
+                            (candidate, tf.constant(True)),
+                            maximum_iterations=num_seeds + 1)
     # owns[i, j]: kept i overlaps suppressed candidate j; j counts for its first owner.
     owns = tf.logical_and(
         tf.logical_and(overlapping, keep[:, :, None]),

@@ -142,8 +142,16 @@ def _detect_one_by_one(model, images, sizes, taus, config, dense_masks):
 
 def _encode_instance_png(args) -> tf.Tensor:
     instance_map, size = args
-    crop = instance_map[:size[0], :size[1], None]
-    return tf.io.encode_png(tf.cast(crop, tf.uint16))
+    return encode_instance_png(instance_map[:size[0], :size[1]])
+
+
+def encode_instance_png(instance_map: tf.Tensor) -> tf.Tensor:
+    """An instance map, int `[H, W]` (ids 0..65535), as a 16-bit grayscale PNG string.
+
+    zlib's fastest level: half the encoding time of the default (6) on a 512 x 512 map of
+    100 instances, for a PNG about 1.4 times as large (docs/benchmarks.md).
+    """
+    return tf.io.encode_png(tf.cast(instance_map[..., None], tf.uint16), compression=1)
 
 
 class ServingFunctions:
