@@ -241,11 +241,12 @@ def draw_detections(detections: dict[str, tf.Tensor], image_size, config: Infere
         planes = bilateral.bilateral_planes(images, tf.shape(low_res_masks)[2:4],
                                             config.bilateral_sigma, crop_size)
         patterns = upsampling.dual_patterns(low_res_masks)
-        outputs["detection_boxes"] = bilateral.boxes_from_patterns(patterns, planes)
+        masks = (bilateral.draw_masks(patterns, planes, crop_size, mask_dtype)
+                 if dense_masks else None)
+        outputs["detection_boxes"] = bilateral.mask_boxes(patterns, planes, crop_size, masks)
         outputs["instance_map"] = bilateral.instance_map(patterns, planes, crop_size)
         if dense_masks:
-            outputs["detection_masks"] = bilateral.draw_masks(patterns, planes, crop_size,
-                                                              mask_dtype)
+            outputs["detection_masks"] = masks
     else:
         codes = upsampling.cell_codes(low_res_masks)
         tables = upsampling.BilinearTables.build(stride, mask_dtype)

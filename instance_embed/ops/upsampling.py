@@ -35,7 +35,7 @@ import dataclasses
 import tensorflow as tf
 
 NUM_CODES = 512  # 3 x 3 neighbourhood bits
-_DUAL_PATTERNS = 16  # the four cells of a dual cell
+NUM_PATTERNS = 16  # the four cells of a dual cell
 
 
 def strides(heads_size: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
@@ -277,9 +277,9 @@ def _dual_table(stride: tf.Tensor) -> tf.Tensor:
 
     margins = _bilinear_margins(tf.zeros(stride[0:1], tf.int32), weights(stride[0]),
                                 tf.zeros(stride[1:2], tf.int32), weights(stride[1]), stride,
-                                tf.reshape(_bits(tf.range(_DUAL_PATTERNS), 4),
-                                           [_DUAL_PATTERNS, 2, 2]))  # [16, sy, sx]
-    return tf.reshape(margins >= 0, [_DUAL_PATTERNS, -1])
+                                tf.reshape(_bits(tf.range(NUM_PATTERNS), 4),
+                                           [NUM_PATTERNS, 2, 2]))  # [16, sy, sx]
+    return tf.reshape(margins >= 0, [NUM_PATTERNS, -1])
 
 
 def first_mask_per_pattern(patterns: tf.Tensor) -> tf.Tensor:
@@ -291,15 +291,15 @@ def first_mask_per_pattern(patterns: tf.Tensor) -> tf.Tensor:
     """
     shape = tf.shape(patterns)
     num_cells = shape[0] * shape[2] * shape[3]
-    segments = patterns + tf.reshape(tf.range(num_cells) * _DUAL_PATTERNS,
+    segments = patterns + tf.reshape(tf.range(num_cells) * NUM_PATTERNS,
                                      tf.stack([shape[0], 1, shape[2], shape[3]]))
     weights = tf.broadcast_to(
         tf.cast(shape[1] - tf.range(shape[1]), tf.float32)[None, :, None, None], shape)
     first = tf.math.unsorted_segment_max(tf.reshape(weights, [-1]), tf.reshape(segments, [-1]),
-                                         num_cells * _DUAL_PATTERNS)
+                                         num_cells * NUM_PATTERNS)
     # Segments no mask has are the lowest float32 there.
     return tf.reshape(tf.maximum(first, 0.0),
-                      tf.stack([shape[0], shape[2], shape[3], _DUAL_PATTERNS]))
+                      tf.stack([shape[0], shape[2], shape[3], NUM_PATTERNS]))
 
 
 def instance_map(masks: tf.Tensor, stride: tf.Tensor, crop_size: tf.Tensor) -> tf.Tensor:
@@ -325,10 +325,10 @@ def instance_map(masks: tf.Tensor, stride: tf.Tensor, crop_size: tf.Tensor) -> t
     # class's by a product with a one-hot matrix (exact in float32: one term per sum).
     covers = _dual_table(stride)  # [16, sy * sx]
     signatures = tf.reduce_sum(
-        tf.where(covers, tf.bitwise.left_shift(1, tf.range(_DUAL_PATTERNS))[:, None], 0), axis=0)
+        tf.where(covers, tf.bitwise.left_shift(1, tf.range(NUM_PATTERNS))[:, None], 0), axis=0)
     classes, pixel_class = tf.unique(signatures)  # [C], [sy * sx]
     class_covers = tf.bitwise.bitwise_and(
-        tf.bitwise.right_shift(classes[:, None], tf.range(_DUAL_PATTERNS)), 1)  # [C, 16]
+        tf.bitwise.right_shift(classes[:, None], tf.range(NUM_PATTERNS)), 1)  # [C, 16]
     best = tf.reduce_max(first[..., None, :] * tf.cast(class_covers, tf.float32), axis=4)
     shape = tf.shape(best)  # [B, h + 1, w + 1, C]
     select = tf.one_hot(pixel_class, shape[3])  # [sy * sx, C]

@@ -181,25 +181,33 @@ def test_joint_bilateral_needs_the_images_and_valid_settings():
             inference.InferenceConfig(bilateral_sigma=sigma)
 
 
-# Heads 8 x 10: strides 4, 3, 1 and 8, with crops cutting cells or not.
+# Heads 8 x 10: strides 4, 3, 1 and 8, with crops cutting cells or not; 12 masks (boxes
+# from the drawn masks) and 24 (from the patterns' planes).
 @pytest.mark.parametrize("size, crop", [((32, 40), (32, 40)), ((32, 40), (29, 33)),
                                         ((32, 40), (1, 1)), ((24, 30), (23, 17)),
                                         ((8, 10), (8, 10)), ((64, 80), (57, 80))])
-def test_instance_map_and_boxes_follow_the_drawn_masks(size, crop):
+@pytest.mark.parametrize("num_seeds", [12, 24])
+def test_instance_map_and_boxes_follow_the_drawn_masks(size, crop, num_seeds):
     rng = np.random.default_rng(8)
     embeddings, logits = _clustered(rng)
     images = rng.uniform(0, 255, (2,) + size + (3,)).astype(np.float32)
-    config = inference.InferenceConfig(num_seeds=12, mask_upsampling="joint_bilateral",
+    config = inference.InferenceConfig(num_seeds=num_seeds, mask_upsampling="joint_bilateral",
                                        bilateral_sigma=20.0)
     out = inference.predict_instances(embeddings, logits, size, TAUS, config,
                                       images=images, crop_size=crop)
     drawn = out["detection_masks"].numpy()
-    assert drawn.shape == (2, 12) + crop
+    assert drawn.shape == (2, num_seeds) + crop
+    assert out["num_detections"].numpy().max() == num_seeds  # all drawn
     covered = drawn.any(axis=1)
     want = np.where(covered, drawn.argmax(axis=1) + 1, 0)
     np.testing.assert_array_equal(out["instance_map"].numpy(), want)
     np.testing.assert_array_equal(out["detection_boxes"].numpy(),
                                   masks.mask_boxes(drawn).numpy())
+    compact = inference.predict_instances(embeddings, logits, size, TAUS, config, images=images,
+                                          crop_size=crop, dense_masks=False)
+    assert "detection_masks" not in compact
+    for key in ("detection_boxes", "instance_map"):
+        np.testing.assert_array_equal(compact[key].numpy(), out[key].numpy())
     whole = inference.predict_instances(embeddings, logits, size, TAUS, config,
                                         images=images)
     np.testing.assert_array_equal(drawn, whole["detection_masks"].numpy()[..., :crop[0],
