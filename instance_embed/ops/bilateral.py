@@ -91,14 +91,16 @@ def bilateral_planes(images: tf.Tensor, heads_size, sigma: float | tf.Tensor,
 
     # The four cells' mean colours at every pixel, in bit order 0..3: (low, low),
     # (low, high), (high, low), (high, high); one gather: [B, H, W, 4, 3].
-    cell_rows = tf.stack([row_low, row_low, row_high, row_high], axis=-1)[:, None] * w
-    cell_columns = tf.stack([col_low, col_high, col_low, col_high], axis=-1)[None]
+    # (Broadcast explicitly: TF's implicit broadcasts are 2-3 times slower here.)
+    size = tf.stack([height, width, 4])
+    cell_rows = tf.broadcast_to(
+        tf.stack([row_low, row_low, row_high, row_high], axis=-1)[:, None] * w, size)
+    cell_columns = tf.broadcast_to(
+        tf.stack([col_low, col_high, col_low, col_high], axis=-1)[None], size)
     colours = tf.gather(tf.reshape(means, tf.stack([shape[0], h * w, 3])),
                         cell_rows + cell_columns, axis=1)
-    distances = tf.reduce_sum(tf.square(images[..., None, :] - colours), axis=-1)
-    # The bilinear weights of the four cells, [1, H, W, 4]: one product of the row and
-    # column weights broadcast explicitly (2.4x faster than an implicitly broadcast one).
-    size = tf.stack([height, width, 4])
+    distances = tf.reduce_sum(tf.square(images[..., None, :] - colours), axis=-1)  # [B, H, W, 4]
+    # The bilinear weights of the four cells, [1, H, W, 4].
     row_weights = tf.broadcast_to(
         tf.stack([1.0 - row_frac, 1.0 - row_frac, row_frac, row_frac], axis=-1)[:, None], size)
     column_weights = tf.broadcast_to(
