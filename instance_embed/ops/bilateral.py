@@ -166,10 +166,13 @@ def mask_boxes(patterns: tf.Tensor, planes: tf.Tensor, crop_size: tf.Tensor,
                masks: tf.Tensor | None = None) -> tf.Tensor:
     """`ops.mask_boxes` of the masks `draw_masks` draws, the cheaper way.
 
-    From the drawn masks when there are at most 16 (no more pixels than the 16 pattern
-    planes), else `boxes_from_patterns` (measured in docs/benchmarks.md: at 512 x 512 the
-    two cost the same at about 20 to 40 masks, and 100 masks take 20-27 ms drawn against
-    5-16 ms from the patterns).
+    Boxes of drawn masks cost in proportion to the masks, `boxes_from_patterns` about
+    as much as 16 masks' worth of planes, but its reductions run over the stride's few
+    offsets, several times slower at small strides. Measured at 512 x 512
+    (docs/benchmarks.md): 0.12 ms per drawn mask, another 0.1-0.17 ms to draw it, and
+    from the patterns 9.4, 3.7 and 1.8 ms at strides 4, 8 and 16. Hence from the
+    drawn masks while K times the stride is at most 256 when they are drawn anyway,
+    128 when they would be drawn for this.
 
     Args:
       patterns: int32 `[B, K, h + 1, w + 1]` from `upsampling.dual_patterns`.
@@ -185,8 +188,9 @@ def mask_boxes(patterns: tf.Tensor, planes: tf.Tensor, crop_size: tf.Tensor,
         drawn = masks if masks is not None else draw_masks(patterns, planes, crop_size)
         return masks_lib.mask_boxes(tf.cast(drawn, tf.bool))
 
-    return tf.cond(tf.shape(patterns)[1] <= upsampling.NUM_PATTERNS, from_masks,
-                   lambda: boxes_from_patterns(patterns, planes))
+    budget = 256 if masks is not None else 128
+    few = tf.shape(patterns)[1] * tf.shape(planes)[5] <= budget
+    return tf.cond(few, from_masks, lambda: boxes_from_patterns(patterns, planes))
 
 
 def boxes_from_patterns(patterns: tf.Tensor, planes: tf.Tensor) -> tf.Tensor:

@@ -214,3 +214,26 @@ def test_instance_map_and_boxes_follow_the_drawn_masks(size, crop, num_seeds):
                                                                           :crop[1]])
     if crop == size:  # masks to check (at stride 1 the 12 detections cover every pixel)
         assert covered.any() and (size == (8, 10) or not covered.all())
+
+
+@pytest.mark.parametrize("stride_y, stride_x, crop", [
+    (4, 4, None), (4, 4, (29, 33)), (8, 8, (57, 80)), (3, 5, (23, 47)), (1, 1, None),
+    (2, 2, (1, 1)), (16, 8, (100, 71))])
+def test_boxes_from_patterns_equal_the_drawn_masks_boxes(stride_y, stride_x, crop):
+    # Both ways of `bilateral.mask_boxes`, whichever it would pick.
+    rng = np.random.default_rng(stride_y * 10 + stride_x)
+    h, w = 8, 10
+    size = (h * stride_y, w * stride_x)
+    crop = tf.constant(crop or size)
+    low = rng.random((2, 9, h, w)) < 0.3
+    low[1, 4] = False  # an empty mask
+    images = tf.constant(rng.uniform(0, 255, (2,) + size + (3,)), tf.float32)
+    planes = bilateral.bilateral_planes(images, (h, w), 15.0, crop)
+    patterns = upsampling.dual_patterns(tf.constant(low))
+    drawn = bilateral.draw_masks(patterns, planes, crop)
+    want = masks.mask_boxes(drawn).numpy()
+    np.testing.assert_array_equal(bilateral.boxes_from_patterns(patterns, planes).numpy(), want)
+    np.testing.assert_array_equal(
+        bilateral.mask_boxes(patterns, planes, crop, tf.cast(drawn, tf.uint8)).numpy(), want)
+    np.testing.assert_array_equal(bilateral.mask_boxes(patterns, planes, crop).numpy(), want)
+    assert (want[1, 4] == 0).all() and (want[0, :, 2:] > 0).any()
