@@ -117,7 +117,6 @@ def main():
     def heads_postprocess(embeddings, logits):
         return select_detections(embeddings, logits, model_config.taus, infer)["masks"]
 
-
     @tf.function
     def full_postprocess(embeddings, logits, images):
         return inference.predict_instances(embeddings, logits, (SIZE, SIZE), model_config.taus,

@@ -243,17 +243,21 @@ def draw_detections(detections: dict[str, tf.Tensor], image_size, config: Infere
         patterns = upsampling.dual_patterns(low_res_masks)
         masks = (bilateral.draw_masks(patterns, planes, crop_size, mask_dtype)
                  if dense_masks else None)
-        outputs["detection_boxes"] = bilateral.mask_boxes(patterns, planes, crop_size, masks)
-        outputs["instance_map"] = bilateral.instance_map(patterns, planes, crop_size)
+        outputs["detection_boxes"], outputs["instance_map"] = (
+            bilateral.boxes_and_instance_map(patterns, planes, crop_size, masks))
         if dense_masks:
             outputs["detection_masks"] = masks
     else:
         codes = upsampling.cell_codes(low_res_masks)
         tables = upsampling.BilinearTables.build(stride, mask_dtype)
         outputs["detection_boxes"] = upsampling.boxes_from_codes(codes, tables, crop_size)
-        outputs["instance_map"] = upsampling.instance_map(low_res_masks, stride, crop_size)
         if dense_masks:
-            outputs["detection_masks"] = upsampling.draw_masks(codes, tables, crop_size)
+            masks = upsampling.draw_masks(codes, tables, crop_size)
+            outputs["detection_masks"] = masks
+            outputs["instance_map"] = upsampling.instance_map_of_few(
+                low_res_masks, stride, crop_size, masks)
+        else:
+            outputs["instance_map"] = upsampling.instance_map(low_res_masks, stride, crop_size)
     for key in ("detection_boxes", "detection_masks"):
         if key in outputs:
             value = outputs[key]

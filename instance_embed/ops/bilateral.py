@@ -162,17 +162,16 @@ def draw_masks(patterns: tf.Tensor, planes: tf.Tensor, crop_size: tf.Tensor,
     return pixels[..., left:left + crop_size[1]]
 
 
-def mask_boxes(patterns: tf.Tensor, planes: tf.Tensor, crop_size: tf.Tensor,
-               masks: tf.Tensor | None = None) -> tf.Tensor:
-    """`ops.mask_boxes` of the masks `draw_masks` draws, the cheaper way.
+def boxes_and_instance_map(patterns: tf.Tensor, planes: tf.Tensor, crop_size: tf.Tensor,
+                           masks: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+    """The boxes and the instance map of the masks `draw_masks` draws, the cheaper way.
 
-    Boxes of drawn masks cost in proportion to the masks, `boxes_from_patterns` about
-    as much as 16 masks' worth of planes, but its reductions run over the stride's few
-    offsets, several times slower at small strides. Measured at 512 x 512
-    (docs/benchmarks.md): 0.12 ms per drawn mask, another 0.1-0.17 ms to draw it, and
-    from the patterns 9.4, 3.7 and 1.8 ms at strides 4, 8 and 16. Hence from the
-    drawn masks while K times the stride is at most 256 when they are drawn anyway,
-    128 when they would be drawn for this.
+    From drawn masks both cost in proportion to the masks; from the patterns
+    (`boxes_from_patterns`, `instance_map`) about as much as 16 masks' worth of planes,
+    several times more at small strides (the boxes' reductions run over the stride's few
+    offsets). Hence from the drawn masks while K times the stride is at most 256 when
+    they are drawn anyway, 128 when they would be drawn only for this: near the
+    break-even points measured in docs/benchmarks.md (serving latency).
 
     Args:
       patterns: int32 `[B, K, h + 1, w + 1]` from `upsampling.dual_patterns`.
@@ -182,15 +181,20 @@ def mask_boxes(patterns: tf.Tensor, planes: tf.Tensor, crop_size: tf.Tensor,
         else None.
 
     Returns:
-      float32 `[B, K, 4]`.
+      (float32 `[B, K, 4]` boxes as `ops.mask_boxes`, int32 `[B, H', W']` instance map).
     """
     def from_masks():
         drawn = masks if masks is not None else draw_masks(patterns, planes, crop_size)
-        return masks_lib.mask_boxes(tf.cast(drawn, tf.bool))
+        return (masks_lib.mask_boxes(tf.cast(drawn, tf.bool)),
+                masks_lib.first_covering(drawn))
+
+    def from_patterns():
+        return (boxes_from_patterns(patterns, planes),
+                instance_map(patterns, planes, crop_size))
 
     budget = 256 if masks is not None else 128
-    few = tf.shape(patterns)[1] * tf.shape(planes)[5] <= budget
-    return tf.cond(few, from_masks, lambda: boxes_from_patterns(patterns, planes))
+    return tf.cond(tf.shape(patterns)[1] * tf.shape(planes)[5] <= budget, from_masks,
+                   from_patterns)
 
 
 def boxes_from_patterns(patterns: tf.Tensor, planes: tf.Tensor) -> tf.Tensor:

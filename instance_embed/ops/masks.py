@@ -183,6 +183,16 @@ def mask_boxes(masks: tf.Tensor) -> tf.Tensor:
     return boxes_from_projections(tf.reduce_any(masks, axis=-1), tf.reduce_any(masks, axis=-2))
 
 
+def first_covering(masks: tf.Tensor) -> tf.Tensor:
+    """The instance map of drawn masks: bool or 0/1 `[B, K, H, W]`, in detection order ->
+    int32 `[B, H, W]`, 1 + the index of the first mask covering each pixel, 0 where none.
+    """
+    num_masks = tf.shape(masks)[1]
+    weights = (num_masks - tf.range(num_masks))[None, :, None, None]  # the first weighs most
+    best = tf.reduce_max(tf.where(tf.cast(masks, tf.bool), weights, 0), axis=1)
+    return tf.where(best > 0, num_masks + 1 - best, 0)
+
+
 def boxes_from_projections(rows: tf.Tensor, columns: tf.Tensor) -> tf.Tensor:
     """`mask_boxes` from the masks' non-empty rows, bool `[..., H]`, and columns,
     bool `[..., W]`."""

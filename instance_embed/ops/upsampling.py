@@ -34,6 +34,8 @@ import dataclasses
 
 import tensorflow as tf
 
+from instance_embed.ops import masks as masks_lib
+
 NUM_CODES = 512  # 3 x 3 neighbourhood bits
 NUM_PATTERNS = 16  # the four cells of a dual cell
 
@@ -339,6 +341,29 @@ def instance_map(masks: tf.Tensor, stride: tf.Tensor, crop_size: tf.Tensor) -> t
         tf.reshape(best, tf.stack([shape[0], shape[1], shape[2], stride[0], stride[1]])),
         [0, 1, 3, 2, 4])
     return indices_from_dual_grid(best, crop_size, num_masks)
+
+
+def instance_map_of_few(masks: tf.Tensor, stride: tf.Tensor, crop_size: tf.Tensor,
+                        drawn: tf.Tensor) -> tf.Tensor:
+    """`instance_map`, or the same from the `drawn` masks when that is cheaper.
+
+    `instance_map` costs in proportion to the dual cells, the drawn masks' instance
+    map to the masks' pixels; the latter is cheaper while K times the cell's area is at
+    most 256 (docs/benchmarks.md, serving latency: at 512 x 512, 2 ms against 0.12 ms
+    per mask at stride 4, 0.8 ms at stride 8).
+
+    Args:
+      masks: bool `[B, K, h, w]`, in detection order.
+      stride: int32 `[2]`.
+      crop_size: int32 `[2]`, (H', W').
+      drawn: `draw_masks` of `masks` at `crop_size` (bool or uint8).
+
+    Returns:
+      int32 `[B, H', W']`.
+    """
+    return tf.cond(tf.shape(masks)[1] * stride[0] * stride[1] <= 256,
+                   lambda: masks_lib.first_covering(drawn),
+                   lambda: instance_map(masks, stride, crop_size))
 
 
 def dual_grid_start(stride: tf.Tensor) -> tf.Tensor:

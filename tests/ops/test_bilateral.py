@@ -219,8 +219,7 @@ def test_instance_map_and_boxes_follow_the_drawn_masks(size, crop, num_seeds):
 @pytest.mark.parametrize("stride_y, stride_x, crop", [
     (4, 4, None), (4, 4, (29, 33)), (8, 8, (57, 80)), (3, 5, (23, 47)), (1, 1, None),
     (2, 2, (1, 1)), (16, 8, (100, 71))])
-def test_boxes_from_patterns_equal_the_drawn_masks_boxes(stride_y, stride_x, crop):
-    # Both ways of `bilateral.mask_boxes`, whichever it would pick.
+def test_boxes_and_map_from_patterns_equal_the_drawn_masks_ones(stride_y, stride_x, crop):
     rng = np.random.default_rng(stride_y * 10 + stride_x)
     h, w = 8, 10
     size = (h * stride_y, w * stride_x)
@@ -232,8 +231,13 @@ def test_boxes_from_patterns_equal_the_drawn_masks_boxes(stride_y, stride_x, cro
     patterns = upsampling.dual_patterns(tf.constant(low))
     drawn = bilateral.draw_masks(patterns, planes, crop)
     want = masks.mask_boxes(drawn).numpy()
+    drawn = drawn.numpy()
+    want_map = np.where(drawn.any(axis=1), drawn.argmax(axis=1) + 1, 0)
     np.testing.assert_array_equal(bilateral.boxes_from_patterns(patterns, planes).numpy(), want)
-    np.testing.assert_array_equal(
-        bilateral.mask_boxes(patterns, planes, crop, tf.cast(drawn, tf.uint8)).numpy(), want)
-    np.testing.assert_array_equal(bilateral.mask_boxes(patterns, planes, crop).numpy(), want)
+    np.testing.assert_array_equal(bilateral.instance_map(patterns, planes, crop).numpy(),
+                                  want_map)
+    for given in (None, tf.constant(drawn, tf.uint8)):  # whichever way it picks
+        boxes, instance_map = bilateral.boxes_and_instance_map(patterns, planes, crop, given)
+        np.testing.assert_array_equal(boxes.numpy(), want)
+        np.testing.assert_array_equal(instance_map.numpy(), want_map)
     assert (want[1, 4] == 0).all() and (want[0, :, 2:] > 0).any()

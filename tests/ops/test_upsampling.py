@@ -154,3 +154,20 @@ def test_every_small_mask_agrees_across_masks_boxes_and_map(stride_y, stride_x):
     if (stride_y, stride_x) == (2, 3):
         lone = masks[32, 0]  # bit 5: cell (2, 1)
         assert lone[4, 3] and not lone[3, 3]
+
+
+@pytest.mark.parametrize("stride, num_masks", [(4, 5), (4, 40), (8, 3), (8, 30), (2, 70)])
+def test_instance_map_of_few_masks_equals_the_first_covering(stride, num_masks):
+    # K x stride^2 on both sides of the switch to the drawn masks (256).
+    rng = np.random.default_rng(stride * 100 + num_masks)
+    low = blobs(rng, 2, num_masks, 6, 7)
+    crop = tf.constant([6 * stride - 1, 7 * stride - 3])
+    drawn = upsampling.draw_masks(upsampling.cell_codes(tf.constant(low)),
+                                  upsampling.BilinearTables.build(tf.constant([stride] * 2),
+                                                                  tf.uint8), crop)
+    instance_map = upsampling.instance_map_of_few(tf.constant(low), tf.constant([stride] * 2),
+                                                  crop, drawn)
+    np.testing.assert_array_equal(instance_map.numpy(), first_covering(drawn.numpy() > 0))
+    np.testing.assert_array_equal(mask_ops.first_covering(drawn).numpy(),
+                                  first_covering(drawn.numpy() > 0))
+    assert len(np.unique(instance_map.numpy())) > 2
