@@ -349,8 +349,7 @@ def instance_map_of_few(masks: tf.Tensor, stride: tf.Tensor, crop_size: tf.Tenso
 
     `instance_map` costs in proportion to the dual cells, the drawn masks' instance
     map to the masks' pixels; the latter is cheaper while K times the cell's area is at
-    most 256 (docs/benchmarks.md, serving latency: at 512 x 512, 2 ms against 0.12 ms
-    per mask at stride 4, 0.8 ms at stride 8).
+    most 256 (the break-even measured in docs/benchmarks.md, serving latency).
 
     Args:
       masks: bool `[B, K, h, w]`, in detection order.
