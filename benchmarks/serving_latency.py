@@ -9,8 +9,9 @@ Exports a model, loads it back as TF Serving would, and times side by side:
 - the network alone, the denominator of every ratio;
 - all of `predict_instances`, and its heads-resolution part under the run's settings
   (`select_detections`: seediness, seeds, masks, threshold, suppression);
-- the floor: what any implementation of a signature must do besides the network. For
-  `serving_compact`, the heads-resolution part, decoding the JPEG and encoding the PNG
+- the floor: the signature's work besides the network and the drawing, each part
+  timed alone, so no drawing can take the signature below it. For `serving_compact`,
+  the heads-resolution part (plain graph), decoding the JPEG and encoding the PNG
   instance map; for `serving_default`, also writing the dense `[K, H, W]` uint8 masks
   (timed as `tf.fill`, which is faster than any drawing).
 

@@ -116,7 +116,8 @@ def predict_instances(embeddings: tf.Tensor, class_logits: tf.Tensor,
     mask: the margin inside is at most log(2 / tau - 1) while outside it falls to minus
     the squared distance between instances, so the zero crossing sits next to the
     inside pixel.) The boxes and the instance map come from the heads-resolution masks
-    directly, so `dense_masks=False` skips the `[B, K, H, W]` output altogether.
+    (or from a few drawn masks when that is cheaper), so `dense_masks=False` skips the
+    `[B, K, H, W]` output.
 
     Detections below `config.score_threshold`, suppressed as near-duplicates, or coming
     from a missing seed (-1, when K exceeds the pixels that may seed) are invalid: they

@@ -142,7 +142,8 @@ def draw_masks(patterns: tf.Tensor, planes: tf.Tensor, crop_size: tf.Tensor,
 
     Args:
       patterns: int32 `[B, K, h + 1, w + 1]` from `upsampling.dual_patterns`.
-      planes: from `bilateral_planes` for the same images.
+      planes: from `bilateral_planes` for the same images (and a crop containing this
+        one: pixels beyond the planes' crop are drawn empty).
       crop_size: int32 `[2]`, (H', W') <= (H, W): the top-left part drawn.
       dtype: tf.bool or tf.uint8.
 

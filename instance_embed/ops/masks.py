@@ -129,12 +129,11 @@ def suppress_duplicates(masks: tf.Tensor, candidate: tf.Tensor,
     slots = tf.range(num_seeds)
     # The greedy decisions keep_i = candidate_i and no kept j < i overlaps i, solved by
     # repeating them all at once until nothing changes: after t rounds the first t
-    # decisions are final, so this ends within K rounds, at the only fixed point (the
-    # greedy's); suppression chains are short, so it takes a few rounds instead of K
-    # steps. (Transposed in float: the IoU is symmetric, but oneDNN logs an ERROR line
-    # for boolean transposes.)
-    by_earlier = tf.logical_and(tf.linalg.matrix_transpose(iou) > iou_threshold,
-                                slots[None, :] < slots[:, None])  # [B, i, j]: j < i overlaps i
+    # decisions are final, so this ends within K + 1 rounds (the last one changing
+    # nothing), at the only fixed point, the greedy's; suppression chains are short, so
+    # it takes a few rounds instead of K steps. (`overlapping` is symmetric: its counts
+    # are exact integers.)
+    by_earlier = tf.logical_and(overlapping, slots[None, :] < slots[:, None])  # j < i
 
     def decide(keep, _):
         suppressed = tf.reduce_any(tf.logical_and(by_earlier, keep[:, None, :]), axis=-1)

@@ -251,7 +251,8 @@ def boxes_from_cell_extents(extents: tf.Tensor, top: tf.Tensor, left: tf.Tensor
     left = tf.broadcast_to(left[None, :], tf.shape(top))
     shifted = extents + tf.stack([top, left, -top, -left], axis=-1)
     shape = tf.shape(extents)
-    box = tf.reduce_min(tf.reshape(shifted, tf.stack([shape[0], shape[1], -1, 4])), axis=2)
+    box = tf.reduce_min(
+        tf.reshape(shifted, tf.stack([shape[0], shape[1], shape[2] * shape[3], 4])), axis=2)
     box = tf.cast(box * tf.constant([1, 1, -1, -1]), tf.float32)
     return tf.where(box[..., :1] < _NO_PIXEL // 2, box, 0.0)
 

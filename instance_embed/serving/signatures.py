@@ -24,9 +24,9 @@ mask's first and one past its last row and column, divided by the image's own he
 width (so 0..1 whatever the padding of a batch).
 
 `serving_compact` returns only `num_detections`, `detection_boxes`, `detection_classes`,
-`detection_scores`, `instance_map_png_bytes` and `image_size`, and never draws the
-dense masks (boxes and instance map come from the heads-resolution masks): TF Serving's
-REST API cannot filter outputs (gRPC can, with `output_filter`), and dense masks in JSON are
+`detection_scores`, `instance_map_png_bytes` and `image_size`, without the dense masks
+(boxes and instance map come from the heads-resolution masks, or a few drawn ones when
+that is cheaper): TF Serving's REST API cannot filter outputs (gRPC can, with `output_filter`), and dense masks in JSON are
 about K x H x W numbers per image. Masks are uint8 rather than bool because JSON then
 holds `0`/`1` instead of `false`/`true`; classes are int32 (not float32 as in the TF
 Object Detection API) because they are ids.
@@ -149,7 +149,7 @@ def encode_instance_png(instance_map: tf.Tensor) -> tf.Tensor:
     """An instance map, int `[H, W]` (ids 0..65535), as a 16-bit grayscale PNG string.
 
     zlib's fastest level: half the encoding time of the default (6) on a 512 x 512 map of
-    100 instances, for a PNG about 1.4 times as large (docs/benchmarks.md).
+    100 instances, for a PNG 1.4-1.6 times as large (docs/benchmarks.md).
     """
     return tf.io.encode_png(tf.cast(instance_map[..., None], tf.uint16), compression=1)
 

@@ -416,3 +416,13 @@ def test_flip_tta_averages_the_class_maps_of_the_image_and_its_mirror():
     plain = inference.predict_images(network, tf.constant(image), (0.5, 0.75),
                                      inference.InferenceConfig(num_seeds=4))
     assert not np.allclose(plain["class_probs"].numpy(), outputs["class_probs"].numpy())
+
+
+@pytest.mark.parametrize("mask_upsampling", ["bilinear", "joint_bilateral"])
+def test_an_empty_batch_gives_empty_outputs(mask_upsampling):
+    config = inference.InferenceConfig(num_seeds=5, mask_upsampling=mask_upsampling)
+    out = inference.predict_instances(tf.zeros([0, 8, 10, 4]), tf.zeros([0, 8, 10, 4, 3]),
+                                      (32, 40), TAUS, config, images=tf.zeros([0, 32, 40, 3]))
+    assert out["detection_masks"].shape == (0, 5, 32, 40)
+    assert out["detection_boxes"].shape == (0, 5, 4)
+    assert out["instance_map"].shape == (0, 32, 40)

@@ -181,8 +181,9 @@ def test_joint_bilateral_needs_the_images_and_valid_settings():
             inference.InferenceConfig(bilateral_sigma=sigma)
 
 
-# Heads 8 x 10: strides 4, 3, 1 and 8, with crops cutting cells or not; 12 masks (boxes
-# from the drawn masks) and 24 (from the patterns' planes).
+# Heads 8 x 10: strides 4, 3, 1 and 8, with crops cutting cells or not; 12 and 24 masks,
+# with dense outputs and without (the way to the boxes and the map depends on K x stride,
+# both ways are checked directly below).
 @pytest.mark.parametrize("size, crop", [((32, 40), (32, 40)), ((32, 40), (29, 33)),
                                         ((32, 40), (1, 1)), ((24, 30), (23, 17)),
                                         ((8, 10), (8, 10)), ((64, 80), (57, 80))])
@@ -219,12 +220,16 @@ def test_instance_map_and_boxes_follow_the_drawn_masks(size, crop, num_seeds):
 @pytest.mark.parametrize("stride_y, stride_x, crop", [
     (4, 4, None), (4, 4, (29, 33)), (8, 8, (57, 80)), (3, 5, (23, 47)), (1, 1, None),
     (2, 2, (1, 1)), (16, 8, (100, 71))])
-def test_boxes_and_map_from_patterns_equal_the_drawn_masks_ones(stride_y, stride_x, crop):
+@pytest.mark.parametrize("num_masks", [9, 70])
+def test_boxes_and_map_from_patterns_equal_the_drawn_masks_ones(stride_y, stride_x, crop,
+                                                                num_masks):
+    # 9 masks: `boxes_and_instance_map` takes the drawn masks; 70: the patterns from
+    # stride 4 on (K x stride above 256).
     rng = np.random.default_rng(stride_y * 10 + stride_x)
     h, w = 8, 10
     size = (h * stride_y, w * stride_x)
     crop = tf.constant(crop or size)
-    low = rng.random((2, 9, h, w)) < 0.3
+    low = rng.random((2, num_masks, h, w)) < 0.3
     low[1, 4] = False  # an empty mask
     images = tf.constant(rng.uniform(0, 255, (2,) + size + (3,)), tf.float32)
     planes = bilateral.bilateral_planes(images, (h, w), 15.0, crop)

@@ -94,7 +94,7 @@ def greedy_suppression(masks, candidate, threshold):
 
 
 def test_suppression_of_long_chains_matches_the_greedy():
-    # Bars shifted one column at a time: each overlaps the next (IoU 0.6), so the greedy
+    # Bars shifted one column at a time: each overlaps the next (IoU 2/3), so the greedy
     # keeps every other one and each decision depends on the one before it; in random
     # order, and with some non-candidates, whose removal flips the rest of a chain.
     rng = np.random.default_rng(3)
@@ -105,7 +105,13 @@ def test_suppression_of_long_chains_matches_the_greedy():
     order = np.concatenate([np.arange(30), rng.permutation(np.arange(30, num))])
     batch = np.stack([bars, bars[order]])
     candidate = rng.random((2, num)) > 0.1
-    keep, support = masks.suppress_duplicates(tf.constant(batch), tf.constant(candidate), 0.5)
+    eager = masks.suppress_duplicates(tf.constant(batch), tf.constant(candidate), 0.5)
+    for jit_compile in (False, True):  # the graph's while loop, and under XLA
+        graph = tf.function(masks.suppress_duplicates, jit_compile=jit_compile)(
+            tf.constant(batch), tf.constant(candidate), 0.5)
+        for x, y in zip(graph, eager):
+            np.testing.assert_array_equal(x.numpy(), y.numpy())
+    keep, support = eager
     for b in range(2):
         want_keep, want_support = greedy_suppression(batch[b], candidate[b], 0.5)
         np.testing.assert_array_equal(keep.numpy()[b], want_keep)
