@@ -123,9 +123,7 @@ def main():
         return inference.predict_instances(embeddings, logits, (SIZE, SIZE), model_config.taus,
                                            infer, images=images)
 
-    instance_map = inference.predict_instances(
-        embeddings, logits, (SIZE, SIZE), model_config.taus, infer,
-        images=float_pixels)["instance_map"][0]
+    instance_map = full_postprocess(embeddings, logits, float_pixels)["instance_map"][0]
     encode_png = tf.function(encode_instance_png)
     decode_jpeg = tf.function(lambda data: tf.io.decode_jpeg(data, channels=3))
     fill = tf.function(lambda value: tf.fill([1, infer.num_seeds, SIZE, SIZE], value))

@@ -181,6 +181,11 @@ def test_joint_bilateral_needs_the_images_and_valid_settings():
             inference.InferenceConfig(bilateral_sigma=sigma)
 
 
+def _first_covering(masks):
+    """NumPy instance map of masks [B, K, H, W]: 1 + the first k covering each pixel, or 0."""
+    return np.where(masks.any(axis=1), masks.argmax(axis=1) + 1, 0)
+
+
 # Heads 8 x 10: strides 4, 3, 1 and 8, with crops cutting cells or not; 12 and 24 masks,
 # with dense outputs and without (the way to the boxes and the map depends on K x stride,
 # both ways are checked directly below).
@@ -200,7 +205,7 @@ def test_instance_map_and_boxes_follow_the_drawn_masks(size, crop, num_seeds):
     assert drawn.shape == (2, num_seeds) + crop
     assert out["num_detections"].numpy().max() == num_seeds  # all drawn
     covered = drawn.any(axis=1)
-    want = np.where(covered, drawn.argmax(axis=1) + 1, 0)
+    want = _first_covering(drawn)
     np.testing.assert_array_equal(out["instance_map"].numpy(), want)
     np.testing.assert_array_equal(out["detection_boxes"].numpy(),
                                   masks.mask_boxes(drawn).numpy())
@@ -237,7 +242,7 @@ def test_boxes_and_map_from_patterns_equal_the_drawn_masks_ones(stride_y, stride
     drawn = bilateral.draw_masks(patterns, planes, crop)
     want = masks.mask_boxes(drawn).numpy()
     drawn = drawn.numpy()
-    want_map = np.where(drawn.any(axis=1), drawn.argmax(axis=1) + 1, 0)
+    want_map = _first_covering(drawn)
     np.testing.assert_array_equal(bilateral.boxes_from_patterns(patterns, planes).numpy(), want)
     np.testing.assert_array_equal(bilateral.instance_map(patterns, planes, crop).numpy(),
                                   want_map)
